@@ -60,7 +60,9 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
-            raise ValueError(f"RandSyntheticAnomalyd takes one image key (stack modalities as channels), got {self.keys}")
+            raise ValueError(
+                f"RandSyntheticAnomalyd takes one image key (stack modalities as channels), got {self.keys}"
+            )
         tasks = list(TASKS) if tasks is None else list(tasks)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -143,7 +145,9 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
                 if t.ndim == len(spatial) + 1 and t.shape[0] == 1:
                     t = t[0]
                 else:
-                    raise ValueError(f"foreground shape {tuple(t.shape)} does not match the image's spatial shape {spatial}")
+                    raise ValueError(
+                        f"foreground shape {tuple(t.shape)} does not match the image's spatial shape {spatial}"
+                    )
             return t.bool()
         return t
 

@@ -124,7 +124,8 @@ def poisson_blend(
         # divergence at interior voxels: backward difference of the guidance along d, interior elsewhere
         other_inner = _axis_slice(nd, d, slice(None), default=slice(1, -1))
         g = guide[(slice(None), *other_inner)]
-        rhs += g[(slice(None), *_axis_slice(nd, d, slice(1, None)))] - g[(slice(None), *_axis_slice(nd, d, slice(None, -1)))]
+        upper, lower = _axis_slice(nd, d, slice(1, None)), _axis_slice(nd, d, slice(None, -1))
+        rhs += g[(slice(None), *upper)] - g[(slice(None), *lower)]
         # fixed boundary neighbours move to the right-hand side
         first, last = _axis_slice(nd, d, slice(0, 1), slice(1, -1)), _axis_slice(nd, d, slice(-1, None), slice(1, -1))
         near_first, near_last = _axis_slice(nd, d, slice(0, 1)), _axis_slice(nd, d, slice(-1, None))

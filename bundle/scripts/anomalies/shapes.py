@@ -98,7 +98,9 @@ def sample_shape(
     return AnomalyShape(kind, rotation @ shear @ torch.diag(half))
 
 
-def rasterise(shape: AnomalyShape, spatial_shape: tuple[int, ...], device=None) -> tuple[tuple[slice, ...], torch.Tensor]:
+def rasterise(
+    shape: AnomalyShape, spatial_shape: tuple[int, ...], device=None
+) -> tuple[tuple[slice, ...], torch.Tensor]:
     """Voxelise a placed shape: (slices of its bounding box clipped to the image, boolean mask in that box).
 
     The centre voxel always belongs to the shape, so the mask is never empty.

@@ -78,6 +78,7 @@ class TaskResult:
     values: torch.Tensor  # (C, *box) new image values
     mask: torch.Tensor  # boolean (*box): the region the label covers
     interpolation: float | None = None  # FPI's foreign fraction, for its optional label
+    details: dict = field(default_factory=dict)  # the task's random parameters, reported in ``info``
 
 
 def default_foreground(image: torch.Tensor) -> torch.Tensor:
@@ -134,10 +135,10 @@ def _fpi(ctx: SampleContext, shape: AnomalyShape, box, mask) -> TaskResult:
     region = ctx.image[(slice(None), *box)]
     foreign = ctx.partner[(slice(None), *box)].to(region)
     values = torch.where(mask, (1.0 - alpha) * region + alpha * foreign, region)
-    return TaskResult(box, values, mask, interpolation=alpha)
+    return TaskResult(box, values, mask, interpolation=alpha, details={"interpolation": alpha})
 
 
-def _source_patch(ctx: SampleContext, which: str, outer: tuple[slice, ...]) -> torch.Tensor:
+def _source_patch(ctx: SampleContext, which: str, outer: tuple[slice, ...]) -> tuple[torch.Tensor, dict]:
     """A patch of the partner/foreign scan, rotated U(+-pi/4) per axis pair and scaled by (1 + Exp(0.1))
     or its inverse (capped at 0.8 of the source's size), resampled onto the ``outer`` box and brought to
     the target's contrast."""
@@ -165,7 +166,8 @@ def _source_patch(ctx: SampleContext, which: str, outer: tuple[slice, ...]) -> t
     coords = centre + offsets @ (scale * rot).T
     work = ctx.image.dtype if ctx.image.dtype == torch.float64 else torch.float32
     patch = _sample(volume.to(ctx.image.device), coords.to(device=ctx.image.device, dtype=work))
-    return patch * (ctx.scale / source_scale)
+    details = {"source_centre": tuple(float(c) for c in centre), "source_scale": scale}
+    return patch * (ctx.scale / source_scale), details
 
 
 def _poisson(which: str) -> Callable:
@@ -173,13 +175,14 @@ def _poisson(which: str) -> Callable:
         # one voxel of margin: the Dirichlet boundary of the blend
         outer = _grow(box, 1, tuple(ctx.image.shape[1:]))
         region = ctx.image[(slice(None), *outer)]
-        patch = _source_patch(ctx, which, outer).to(region.dtype)
+        patch, details = _source_patch(ctx, which, outer)
+        patch = patch.to(region.dtype)
         blend_mask = _embed(mask, box, outer)
         blended = poisson_blend(region, patch, blend_mask, mix_gradients=True)
         blended = torch.minimum(torch.maximum(blended, ctx.low), ctx.high)
         # the solve may also alter voxels outside the shape: they are part of the anomaly (as in the reference)
         moved = (blended - region).abs().amax(dim=0) > CHANGE_TOLERANCE * ctx.scale
-        return TaskResult(outer, blended, blend_mask | moved)
+        return TaskResult(outer, blended, blend_mask | moved, details=details)
 
     return task
 
@@ -198,14 +201,27 @@ def _deform(profile: Callable[[torch.Tensor, float], torch.Tensor]) -> Callable:
         dist = vec.norm(dim=-1)
         direction = torch.where(dist[:, None] > 0, vec / dist.clamp_min(1e-12)[:, None], torch.zeros_like(vec))
         direction[dist == 0, 0] = 1.0
-        radius = shape.ray_to_boundary(centre, direction).clamp_min(1e-6)
+        # d: distance to the boundary of the shape clipped to the image (both convex), so that p~ never
+        # leaves the mask even where the image border cuts the shape
+        to_image_border = _ray_to_box(centre, direction, ctx.image.shape[1:])
+        radius = torch.minimum(shape.ray_to_boundary(centre, direction), to_image_border)
+        radius = radius.clamp_min(1e-6)
         ratio = (dist / radius).clamp(0.0, 1.0)
         sample_at = centre + direction * (radius * profile(ratio, exponent))[:, None]
         values = region.clone()
         values[:, mask] = _sample(region, sample_at - offset.to(work)).to(region.dtype)
-        return TaskResult(box, values, mask)
+        details = {"deformation_centre": tuple((centre_local + offset).tolist()), "exponent": exponent}
+        return TaskResult(box, values, mask, details=details)
 
     return task
+
+
+def _ray_to_box(start: torch.Tensor, direction: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Distance from ``start`` along unit ``direction`` (..., D) to the border of the voxel grid."""
+    upper = torch.tensor([n - 1 for n in spatial], dtype=direction.dtype, device=direction.device)
+    safe = torch.where(direction.abs() < 1e-12, torch.full_like(direction, 1e-12), direction)
+    limit = torch.where(safe > 0, (upper - start) / safe, -start / safe)
+    return limit.amin(dim=-1).clamp_min(0.0)
 
 
 def _sink_profile(r: torch.Tensor, f: float) -> torch.Tensor:
@@ -243,7 +259,7 @@ def _smooth_intensity(ctx: SampleContext, shape: AnomalyShape, box, mask) -> Tas
     ramp = (depth / max(margin, 1.0)).clamp(0.0, 1.0)
     region = ctx.image[(slice(None), *outer)]
     values = region + (magnitude * ramp).to(region.dtype)
-    return TaskResult(outer, values, outer_mask)
+    return TaskResult(outer, values, outer_mask, details={"magnitude": magnitude, "margin": margin})
 
 
 TASKS: dict[str, Callable] = {
@@ -312,7 +328,8 @@ def synthesize(
 
     Returns:
         (anomalous image, label (1, *spatial) in [0, 1], info dict with the task and each anomaly's
-        kind, centre and bounding box). Image and label keep ``image``'s device and floating dtype
+        kind, centre, bounding box and the task's random parameters). Image and label keep ``image``'s device
+        and floating dtype
         (integer images come back as float32).
     """
     if task not in TASKS:
@@ -360,7 +377,7 @@ def synthesize(
         ctx.image[(slice(None), *result.box)] = result.values.to(ctx.image.dtype)
         results.append(result)
         info["anomalies"].append({"kind": shape.kind, "centre": shape.centre,
-                                  "box": [(sl.start, sl.stop) for sl in box]})
+                                  "box": [(sl.start, sl.stop) for sl in box], **result.details})
         if not rnd.coin(gen, continue_probability):
             break
 
