@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	$(VENV)/bin/ruff check bundle tests bench
 	$(PY) -m pytest -q
 
 lint: setup

@@ -37,10 +37,22 @@ def _sine_matrix(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return s.to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _laplacian_eigenvalues(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Eigenvalues 2 cos(pi (k + 1) / (n + 1)) - 2 of the 1-D Dirichlet Laplacian (all < 0)."""
     k = torch.arange(1, n + 1, dtype=torch.float64)
     return (2.0 * torch.cos(math.pi * k / (n + 1)) - 2.0).to(device=device, dtype=dtype)
+
+
+def _inverse_laplacian_eigenvalues(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """1 / sum_d eig_d(k_d) over an interior of ``shape`` (built per call: box shapes rarely repeat)."""
+    eig = None
+    for d, n in enumerate(shape):
+        view = [1] * len(shape)
+        view[d] = n
+        axis = _laplacian_eigenvalues(n, dtype, device).view(view)
+        eig = axis if eig is None else eig + axis
+    return eig.reciprocal()
 
 
 def dst1(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -51,12 +63,27 @@ def dst1(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def _dst1_spatial(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DST-I over all axes of ``x`` but the first (channels), as plain 2-D matrix products.
+
+    Each step transforms the leading spatial axis and rotates it to the back, so after one step per axis
+    the axes are in order again; this avoids the batched copies of ``movedim(...) @ s``.
+    """
+    channels, *spatial = x.shape
+    for n in list(spatial):
+        rest = x.shape[2:]
+        s = _sine_matrix(n, x.dtype, str(x.device))
+        x = (x.reshape(channels, n, -1).transpose(1, 2) @ s).reshape(channels, *rest, n)
+    return x
+
+
 def mask_bounding_box(mask: torch.Tensor, margin: int = 0) -> tuple[slice, ...] | None:
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels and clipped; None if empty."""
+    as_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
     box = []
     for d in range(mask.ndim):
         other = tuple(i for i in range(mask.ndim) if i != d)
-        hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
+        hits = torch.nonzero(as_bytes.amax(dim=other) if other else as_bytes).flatten()
         if hits.numel() == 0:
             return None
         lo, hi = int(hits[0]), int(hits[-1]) + 1
@@ -108,39 +135,36 @@ def poisson_blend(
         t, s = t[None], s[None]
     m = mask[box]
     nd = m.ndim
-    inner = (slice(1, -1),) * nd
-
-    rhs = torch.zeros_like(t[(slice(None), *inner)])
+    every_channel = slice(None)
+    # Solve for the correction f - target, which is 0 on the boundary: its guidance is the guided gradient
+    # minus the target's, i.e. (source - target) gradients on edges guided by the source and 0 elsewhere.
+    difference = None if mix_gradients else s - t
+    rhs = None
     for d in range(nd):
-        lo, hi = _axis_slice(nd, d, slice(None, -1)), _axis_slice(nd, d, slice(1, None))
-        grad_t = t[(slice(None), *hi)] - t[(slice(None), *lo)]
-        grad_s = s[(slice(None), *hi)] - s[(slice(None), *lo)]
+        # edges (p, p + e_d) whose divergence reaches an interior voxel: all along d, interior across d
+        lo = _axis_slice(nd, d, slice(None, -1), default=slice(1, -1))
+        hi = _axis_slice(nd, d, slice(1, None), default=slice(1, -1))
+        # an edge is guided by the source when either of its voxels is in the mask, so that for a box mask
+        # the solution's Laplacian equals the source's at every interior voxel
+        guided = m[lo] | m[hi]
         if mix_gradients:
-            grad_s = torch.where(grad_s.abs() > grad_t.abs(), grad_s, grad_t)
-        # An edge is guided by the source when either of its voxels is in the mask, so that for a box mask
-        # the solution's Laplacian equals the source's at every interior voxel.
-        edge_in_mask = m[lo] | m[hi]
-        guide = torch.where(edge_in_mask, grad_s, grad_t)
-        # divergence at interior voxels: backward difference of the guidance along d, interior elsewhere
-        other_inner = _axis_slice(nd, d, slice(None), default=slice(1, -1))
-        g = guide[(slice(None), *other_inner)]
+            grad_t = t[(every_channel, *hi)] - t[(every_channel, *lo)]
+            grad_s = s[(every_channel, *hi)] - s[(every_channel, *lo)]
+            guided = guided & (grad_s.abs() > grad_t.abs())
+            correction = torch.where(guided, grad_s - grad_t, 0.0)
+        else:
+            correction = torch.where(guided, difference[(every_channel, *hi)] - difference[(every_channel, *lo)], 0.0)
+        # divergence at interior voxels by backward differences along d
         upper, lower = _axis_slice(nd, d, slice(1, None)), _axis_slice(nd, d, slice(None, -1))
-        rhs += g[(slice(None), *upper)] - g[(slice(None), *lower)]
-        # fixed boundary neighbours move to the right-hand side
-        first, last = _axis_slice(nd, d, slice(0, 1), slice(1, -1)), _axis_slice(nd, d, slice(-1, None), slice(1, -1))
-        near_first, near_last = _axis_slice(nd, d, slice(0, 1)), _axis_slice(nd, d, slice(-1, None))
-        rhs[(slice(None), *near_first)] -= t[(slice(None), *first)]
-        rhs[(slice(None), *near_last)] -= t[(slice(None), *last)]
+        divergence = correction[(every_channel, *upper)] - correction[(every_channel, *lower)]
+        rhs = divergence if rhs is None else rhs + divergence
 
-    dims = tuple(range(1, nd + 1))
-    eig = torch.zeros(rhs.shape[1:], dtype=work_dtype, device=t.device)
-    for d in range(nd):
-        view = [1] * nd
-        view[d] = rhs.shape[d + 1]
-        eig = eig + _laplacian_eigenvalues(rhs.shape[d + 1], work_dtype, str(t.device)).view(view)
-    solution = dst1(dst1(rhs, dims) / eig, dims)
+    inverse_eig = _inverse_laplacian_eigenvalues(tuple(rhs.shape[1:]), work_dtype, str(t.device))
+    solution = _dst1_spatial(_dst1_spatial(rhs) * inverse_eig)
+    interior = (every_channel, *((slice(1, -1),) * nd))
+    solution = solution + t[interior]
     if not channel_first:
         solution = solution[0]
-    interior = tuple(slice(sl.start + 1, sl.stop - 1) for sl in box)
-    result[(Ellipsis, *interior)] = solution.to(target.dtype)
+    interior_box = tuple(slice(sl.start + 1, sl.stop - 1) for sl in box)
+    result[(Ellipsis, *interior_box)] = solution.to(target.dtype)
     return result
