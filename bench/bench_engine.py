@@ -157,11 +157,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _zscore(volume: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    values = volume[:, foreground]
-    return (volume - values.mean()) / values.std().clamp_min(1e-6)
-
-
 def _channel_first(volume) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(volume, dtype=np.float32))
     return t[None] if t.ndim == 3 else t
@@ -175,7 +170,7 @@ def make_volumes(size: int, seed: int):
     p_vol, _ = phantoms.brain_partner(vol, fg, seed)
     ct, ct_fg = phantoms.ct_phantom(size, seed)
     partner = _channel_first(p_vol)
-    foreign = _zscore(_channel_first(ct), torch.as_tensor(np.asarray(ct_fg, dtype=bool)))
+    foreign = _channel_first(phantoms.zscore(ct, ct_fg))
     desc = f"scripts.phantoms: mni152_brain({size}), brain_partner, ct_phantom({size}) z-scored"
     return image.contiguous(), foreground.reshape(image.shape[1:]), partner.contiguous(), foreign, desc
 

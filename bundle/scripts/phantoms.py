@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path"]
+__all__ = ["MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path", "zscore"]
 
 # The file nilearn's ``load_mni152_template`` reads (``nilearn.datasets.struct.MNI152_FILE_PATH``).
 MNI152_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -104,6 +104,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(sizes.argmax())
+
+
+def zscore(volume: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """``volume`` standardised with the mean and standard deviation of its foreground, as float32."""
+    values = volume[foreground]
+    return ((volume - values.mean()) / (values.std() + 1e-12)).astype(np.float32)
 
 
 def mni152_brain(size: int = 128) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
-from scripts.phantoms import brain_partner, ct_phantom, mni152_brain
+from scripts.phantoms import brain_partner, ct_phantom, mni152_brain, zscore
 
 __all__ = [
     "CT_WINDOW",
@@ -51,11 +51,6 @@ AXIS_NAMES = ("sagittal", "coronal", "axial")
 AXIS_LETTERS = ("x", "y", "z")
 
 
-def _zscore(volume: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    values = volume[foreground]
-    return ((volume - values.mean()) / (values.std() + 1e-12)).astype(np.float32)
-
-
 def load_dataset(name: str, size: int = 128, seed: int = 0,
                  need: Iterable[str] = ("partner", "foreign")) -> dict:
     """The image, foreground, grey window and (when asked for in ``need``) partner and foreign scans of a
@@ -71,7 +66,7 @@ def load_dataset(name: str, size: int = 128, seed: int = 0,
             out["partner"], out["partner_foreground"] = brain_partner(image, fg, seed + 1)
         if "foreign" in need:
             ct, ct_fg = ct_phantom(size, seed)
-            out["foreign"], out["foreign_foreground"] = _zscore(ct, ct_fg), ct_fg
+            out["foreign"], out["foreign_foreground"] = zscore(ct, ct_fg), ct_fg
     elif name == "ct":
         image, fg = ct_phantom(size, seed)
         out.update(image=image, foreground=fg, window=CT_WINDOW)

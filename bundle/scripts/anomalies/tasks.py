@@ -133,8 +133,8 @@ def _sample(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 def _fpi(ctx: SampleContext, shape: AnomalyShape, box, mask) -> TaskResult:
     alpha = rnd.uniform(ctx.gen, 0.05, 0.95)
     region = ctx.image[(slice(None), *box)]
-    foreign = ctx.partner[(slice(None), *box)].to(region)
-    values = torch.where(mask, (1.0 - alpha) * region + alpha * foreign, region)
+    other = ctx.partner[(slice(None), *box)].to(region)
+    values = torch.where(mask, (1.0 - alpha) * region + alpha * other, region)
     return TaskResult(box, values, mask, interpolation=alpha, details={"interpolation": alpha})
 
 
