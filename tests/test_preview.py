@@ -122,10 +122,6 @@ def test_ct_phantom():
     assert air < fat < soft < bone
 
 
-def test_ct_phantom_speed_and_size():
-    import time
-
-    start = time.perf_counter()
+def test_ct_phantom_at_working_size():
     volume, body = ct_phantom(128, seed=5)
-    assert time.perf_counter() - start < 2.0
     assert volume.shape == (128,) * 3 and 0.2 < body.mean() < 0.7
