@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import convert_to_dst_type
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
 
-__all__ = ["RandSyntheticAnomalyd"]
+__all__ = ["ForegroundMaskd", "NormaliseIntensityd", "RandSyntheticAnomalyd"]
 
 NO_ANOMALY = "none"
 
@@ -159,3 +161,90 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
         if isinstance(reference, np.ndarray):
             return result.cpu().numpy()
         return convert_to_dst_type(result, reference, dtype=result.dtype)[0]
+
+
+def _as_tensor(value) -> torch.Tensor:
+    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+
+
+def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
+    """A regular subsample of at most about ``limit`` values of ``image``, for order statistics."""
+    step = max(1, int(round((image.numel() / limit) ** (1.0 / max(image.ndim - 1, 1)))))
+    return image[(slice(None), *([slice(None, None, step)] * (image.ndim - 1)))].reshape(-1)
+
+
+class ForegroundMaskd(Transform):
+    """Foreground mask by a data-relative threshold: voxels above ``min + fraction * (p99 - min)``.
+
+    The threshold sits between the background (the image's minimum: 0 in MRI, air in CT) and the bright end
+    of the intensities, so it needs no modality-specific constant and works in any unit. Writes a boolean
+    mask (1, *spatial) to ``foreground_key``; an image without such voxels gets an all-true mask.
+    """
+
+    def __init__(self, keys: str = "image", foreground_key: str = "foreground", fraction: float = 0.1) -> None:
+        self.key = keys
+        self.foreground_key = foreground_key
+        self.fraction = fraction
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = _as_tensor(d[self.key]).float()
+        values = _strided_values(image)
+        values = values[torch.isfinite(values)]
+        if values.numel() == 0:
+            mask = torch.ones(image.shape[1:], dtype=torch.bool)
+        else:
+            low = values.min()
+            high = values.kthvalue(max(1, int(0.99 * values.numel()))).values
+            mask = (image > low + self.fraction * (high - low)).any(dim=0)
+            if not bool(mask.any()):
+                mask = torch.ones_like(mask)
+        d[self.foreground_key] = mask[None]
+        return d
+
+
+class NormaliseIntensityd(Transform):
+    """Intensity normalisation for MRI and CT, from the scan or from the training data.
+
+    ``mode="zscore"`` (MRI, as in the paper): subtract the mean and divide by the standard deviation of the
+    scan's own foreground. ``mode="fingerprint"`` (CT, as nnU-Net): clip to the training data's foreground
+    0.5 and 99.5 percentiles and standardise with its mean and standard deviation, all read from
+    ``fingerprint`` (a dict or a JSON file written by training). Both are derived from data, so CT in
+    Hounsfield units and CT rescaled to [0, 1] come out alike.
+    """
+
+    def __init__(
+        self, keys: str = "image", foreground_key: str = "foreground", mode: str = "zscore",
+        fingerprint: dict | str | Path | None = None,
+    ) -> None:
+        if mode not in ("zscore", "fingerprint"):
+            raise ValueError(f"mode must be 'zscore' or 'fingerprint', got {mode!r}")
+        if mode == "fingerprint":
+            if fingerprint is None:
+                raise ValueError("mode='fingerprint' needs the training data's fingerprint (dict or JSON path)")
+            if not isinstance(fingerprint, Mapping):
+                fingerprint = json.loads(Path(fingerprint).read_text())
+        self.key = keys
+        self.foreground_key = foreground_key
+        self.mode = mode
+        self.fingerprint = fingerprint
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d[self.key]
+        values = _as_tensor(image).float()
+        if self.mode == "fingerprint":
+            fp = self.fingerprint
+            values = values.clamp(fp["percentile_00_5"], fp["percentile_99_5"])
+            out = (values - fp["mean"]) / max(fp["std"], 1e-8)
+        else:
+            foreground = d.get(self.foreground_key)
+            mask = (
+                _as_tensor(foreground).bool().reshape(values.shape[1:])
+                if foreground is not None else torch.ones(values.shape[1:], dtype=torch.bool)
+            )
+            selected = values[:, mask] if bool(mask.any()) else values.reshape(values.shape[0], -1)
+            std = float(selected.std()) if selected.numel() > 1 else 0.0
+            out = (values - selected.mean()) / (std if std > 1e-8 else 1.0)
+        d[self.key] = convert_to_dst_type(out, image, dtype=torch.float32)[0]  # keeps MetaTensor metadata
+        return d

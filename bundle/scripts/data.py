@@ -1,0 +1,331 @@
+"""Dataset discovery, data folds, the task/data-fold cross-validation of "Many tasks make light work",
+and the datasets that pair scans and add synthetic anomalies for training and validation.
+
+Cross-validation (paper section 2, Figure 1; REFERENCE.md section 4): five synthetic tasks are paired
+with five data folds (task i with fold i). A model fold is one of ``combinations(range(5), T)`` for T
+training tasks; it trains on its T tasks and validates on the other 5 - T. The data folds paired with the
+training tasks form one group, those paired with the held-out tasks the other, and the LARGER group trains
+while the smaller validates (with T = 1, four data folds train and one validates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Randomizable
+
+from scripts.anomalies import TASK_NEEDS
+from scripts.transforms import RandSyntheticAnomalyd
+
+__all__ = [
+    "NUM_FOLDS",
+    "SCAN_SUFFIXES",
+    "CrossValidationSplit",
+    "SyntheticAnomalyDataset",
+    "assign_folds",
+    "compute_fingerprint",
+    "cross_validation_split",
+    "default_tasks",
+    "list_scans",
+    "model_folds",
+    "save_json",
+]
+
+logger = logging.getLogger(__name__)
+
+SCAN_SUFFIXES = (".nii.gz", ".nii")
+NUM_FOLDS = 5
+# Task i is paired with data fold i. Index 1 is the inter-dataset blend, replaced by FPI without a foreign set.
+PAPER_TASKS = ("poisson_intra", "poisson_inter", "sink", "source", "smooth_intensity")
+
+
+def list_scans(folder: str | Path, check_headers: bool = True) -> list[str]:
+    """All ``*.nii.gz`` / ``*.nii`` files in ``folder``, sorted; a clear error for a missing, unreadable or
+    empty folder, or (with ``check_headers``) for a file whose NIfTI header cannot be read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as err:
+        raise OSError(f"cannot read dataset folder {str(folder)!r}: {err}") from err
+    scans = sorted(str(p) for p in entries if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
+    if not scans:
+        raise ValueError(f"dataset folder {str(folder)!r} holds no *.nii.gz or *.nii scans")
+    if check_headers:
+        for scan in scans:
+            try:
+                header = nib.load(scan).header
+            except Exception as err:  # nibabel raises several types for corrupt files
+                raise ValueError(f"cannot read scan {scan!r}: {err}") from err
+            if len(header.get_data_shape()) < 3:
+                raise ValueError(f"scan {scan!r} is not a 3D volume: shape {header.get_data_shape()}")
+    return scans
+
+
+def assign_folds(scans: Sequence[str], num_folds: int = NUM_FOLDS) -> dict[str, int]:
+    """Data fold of every scan: deterministic, balanced, and independent of the order of ``scans``.
+
+    Scans are ordered by a hash of their file name (not of the listing, nor of the folder they sit in)
+    and dealt round-robin, so every fold size is within one of the others.
+    """
+    names = [Path(s).name for s in scans]
+    if len(set(names)) != len(names):
+        raise ValueError("scan file names must be unique to assign data folds")
+    order = sorted(scans, key=lambda s: (hashlib.sha1(Path(s).name.encode()).hexdigest(), Path(s).name))
+    return {scan: i % num_folds for i, scan in enumerate(order)}
+
+
+def default_tasks(has_foreign: bool) -> list[str]:
+    """The five cross-validation tasks; without a foreign dataset ``fpi`` replaces ``poisson_inter``."""
+    tasks = list(PAPER_TASKS)
+    if not has_foreign:
+        logger.info("no foreign_dir: task 'poisson_inter' is off and 'fpi' takes its place in the five tasks")
+        tasks[PAPER_TASKS.index("poisson_inter")] = "fpi"
+    return tasks
+
+
+def model_folds(num_train_tasks: int, num_tasks: int = NUM_FOLDS) -> list[tuple[int, ...]]:
+    """Training-task indices of every model fold: ``combinations(range(num_tasks), num_train_tasks)``."""
+    if not 1 <= num_train_tasks < num_tasks:
+        raise ValueError(f"num_train_tasks must be in 1..{num_tasks - 1}, got {num_train_tasks}")
+    return list(itertools.combinations(range(num_tasks), num_train_tasks))
+
+
+@dataclass(frozen=True)
+class CrossValidationSplit:
+    fold: int
+    tasks: tuple[str, ...]  # the five tasks, task i paired with data fold i
+    train_tasks: tuple[str, ...]
+    val_tasks: tuple[str, ...]
+    train_data_folds: tuple[int, ...]
+    val_data_folds: tuple[int, ...]
+    train_scans: tuple[str, ...]
+    val_scans: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"model fold {self.fold}: train tasks {list(self.train_tasks)} on data folds "
+            f"{list(self.train_data_folds)} ({len(self.train_scans)} scans); validate on tasks "
+            f"{list(self.val_tasks)} on data folds {list(self.val_data_folds)} ({len(self.val_scans)} scans)"
+        )
+
+
+def cross_validation_split(
+    scans: Sequence[str],
+    fold: int,
+    num_train_tasks: int = 1,
+    tasks: Sequence[str] | None = None,
+    train_tasks: Sequence[str] | None = None,
+    num_folds: int = NUM_FOLDS,
+) -> CrossValidationSplit:
+    """The training and validation tasks and scans of model fold ``fold``.
+
+    With ``train_tasks`` given explicitly (e.g. ``["fpi"]``, the FPI-only baseline), the model trains on
+    those and validates on the remaining ``tasks``, with plain k-fold data splitting: data fold ``fold``
+    validates and the others train.
+    """
+    tasks = list(tasks) if tasks is not None else default_tasks(has_foreign=True)
+    if len(tasks) != num_folds:
+        raise ValueError(f"cross-validation pairs {num_folds} tasks with {num_folds} data folds, got tasks {tasks}")
+    folds_of = assign_folds(scans, num_folds)
+    if train_tasks:
+        if not 0 <= fold < num_folds:
+            raise ValueError(f"fold must be in 0..{num_folds - 1} with explicit train_tasks, got {fold}")
+        train_idx = ()
+        train_names = tuple(train_tasks)
+        val_names = tuple(t for t in tasks if t not in train_names)
+        train_data = tuple(f for f in range(num_folds) if f != fold)
+        val_data = (fold,)
+    else:
+        combos = model_folds(num_train_tasks, num_folds)
+        if not 0 <= fold < len(combos):
+            raise ValueError(
+                f"fold must be in 0..{len(combos) - 1} for num_train_tasks={num_train_tasks}, got {fold}"
+            )
+        train_idx = combos[fold]
+        held_out = tuple(i for i in range(num_folds) if i not in train_idx)
+        train_names = tuple(tasks[i] for i in train_idx)
+        val_names = tuple(tasks[i] for i in held_out)
+        # the majority rule: the larger group of data folds trains
+        train_data, val_data = (train_idx, held_out) if len(train_idx) >= len(held_out) else (held_out, train_idx)
+    train_scans = tuple(s for s in scans if folds_of[s] in train_data)
+    val_scans = tuple(s for s in scans if folds_of[s] in val_data)
+    if not train_scans or not val_scans:
+        raise ValueError(
+            f"{len(scans)} scans are too few for model fold {fold}: {len(train_scans)} train, "
+            f"{len(val_scans)} validate; every one of the {num_folds} data folds needs at least one scan"
+        )
+    return CrossValidationSplit(
+        fold=fold,
+        tasks=tuple(tasks),
+        train_tasks=train_names,
+        val_tasks=val_names,
+        train_data_folds=tuple(train_data),
+        val_data_folds=tuple(val_data),
+        train_scans=train_scans,
+        val_scans=val_scans,
+    )
+
+
+def compute_fingerprint(
+    dataset: Sequence[dict], image_key: str = "image", foreground_key: str = "foreground",
+    voxels_per_scan: int = 200_000, seed: int = 0,
+) -> dict:
+    """Intensity statistics of the foreground over a dataset, like nnU-Net's fingerprint.
+
+    A fixed random subset of each scan's foreground voxels gives the 0.5 and 99.5 percentiles and the mean
+    and standard deviation of the intensities clipped to them. Derived from the data, so it works for CT in
+    Hounsfield units and for CT already rescaled to [0, 1] alike.
+    """
+    rng = np.random.RandomState(seed)
+    samples = []
+    for item in dataset:
+        image = np.asarray(item[image_key], dtype=np.float32)
+        foreground = np.asarray(item[foreground_key], dtype=bool).reshape(image.shape[-3:])
+        values = image.reshape(-1, *foreground.shape)[:, foreground].ravel()
+        values = values[np.isfinite(values)]
+        if values.size > voxels_per_scan:
+            values = values[rng.choice(values.size, voxels_per_scan, replace=False)]
+        samples.append(values)
+    values = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
+    if values.size == 0:
+        raise ValueError("cannot compute an intensity fingerprint: no foreground voxels in the dataset")
+    low, high = np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(values, low, high)
+    return {
+        "percentile_00_5": float(low),
+        "percentile_99_5": float(high),
+        "mean": float(clipped.mean()),
+        "std": float(clipped.std()),
+        "num_scans": len(samples),
+    }
+
+
+def save_json(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(obj, "__dataclass_fields__"):
+        obj = asdict(obj)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
+    """Preprocessed scans, each paired with a partner scan (and a foreign scan), with synthetic anomalies.
+
+    Args:
+        scans: the preprocessed scans of one split (e.g. a PersistentDataset): dicts with ``image`` and
+            ``foreground``. Partners are drawn from the same sequence.
+        tasks: the tasks to draw from.
+        normalise: deterministic transform applied to every scan after the cache (intensity normalisation).
+        foreign: preprocessed scans of another dataset for ``poisson_inter`` (normalised by
+            ``foreign_normalise``), or None.
+        anomaly_probability: probability that a sample gets anomalies at all.
+        fixed: validation mode: item ``i`` is scan ``i // len(tasks)`` with task ``tasks[i % len(tasks)]``,
+            and its partner, foreign scan, anomalies and whether it has any all follow from ``seed + i``,
+            so the set is identical in every epoch and every run. Training mode: item ``i`` is scan ``i``
+            with a partner, foreign scan and task drawn afresh from this dataset's random state.
+        max_samples: validation mode: keep this many items (an evenly spaced subset), None for all.
+        anomaly_kwargs: further arguments of ``RandSyntheticAnomalyd`` (sigma, max_anomalies, ...).
+    """
+
+    def __init__(
+        self,
+        scans: Sequence[dict],
+        tasks: Sequence[str],
+        normalise: Callable[[dict], dict] | None = None,
+        foreign: Sequence[dict] | None = None,
+        foreign_normalise: Callable[[dict], dict] | None = None,
+        anomaly_probability: float = 1.0,
+        fixed: bool = False,
+        seed: int = 0,
+        max_samples: int | None = None,
+        **anomaly_kwargs,
+    ) -> None:
+        if len(scans) == 0:
+            raise ValueError("SyntheticAnomalyDataset needs at least one scan")
+        tasks = [t for t in tasks if TASK_NEEDS[t] != "foreign" or foreign is not None]
+        if not tasks:
+            raise ValueError("no task left to apply (poisson_inter needs a foreign dataset)")
+        self.scans = scans
+        self.tasks = tasks
+        self.normalise = normalise
+        self.foreign = foreign
+        self.foreign_normalise = foreign_normalise or normalise
+        self.fixed = fixed
+        self.seed = seed
+        foreign_key = "foreign" if foreign is not None else None
+        if fixed:
+            self.anomaly = {
+                t: RandSyntheticAnomalyd(tasks=[t], prob=anomaly_probability, foreign_key=foreign_key, **anomaly_kwargs)
+                for t in tasks
+            }
+            total = len(scans) * len(tasks)
+            count = total if max_samples is None else min(max_samples, total)
+            self.indices = np.linspace(0, total - 1, count).round().astype(int).tolist() if count else []
+        else:
+            self.anomaly = RandSyntheticAnomalyd(
+                tasks=tasks, prob=anomaly_probability, foreign_key=foreign_key, **anomaly_kwargs
+            )
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.fixed else len(self.scans)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        if not self.fixed:  # the anomaly transform follows, with its own stream
+            self.anomaly.set_random_state(seed=int(self.R.randint(2**31 - 1)))
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass  # draws happen in _item with the generator that fits the mode
+
+    def _load(self, index: int, source: Sequence[dict], normalise) -> dict:
+        # plain tensors: a PersistentDataset returns MetaTensors when it computes an item and plain tensors
+        # when it reads it back from its cache, and a batch cannot mix the two
+        item = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in source[index].items()}
+        return normalise(item) if normalise is not None else item
+
+    def __getitem__(self, index: int) -> dict:
+        if self.fixed:
+            sample = self.indices[index]
+            scan_index, task = divmod(sample, len(self.tasks))
+            task = self.tasks[task]
+            rng = np.random.RandomState((self.seed + sample) % (2**32))
+            transform = self.anomaly[task]
+            transform.set_random_state(seed=int(rng.randint(2**31 - 1)))
+        else:
+            scan_index, rng, transform = index, self.R, self.anomaly
+        data = self._load(scan_index, self.scans, self.normalise)
+        partner_index = self._other(scan_index, len(self.scans), rng)
+        data["partner"] = self._load(partner_index, self.scans, self.normalise)["image"]
+        if self.foreign is not None:
+            data["foreign"] = self._load(rng.randint(len(self.foreign)), self.foreign, self.foreign_normalise)["image"]
+        out = transform(data)
+        for key in ("partner", "foreign", "foreground"):
+            out.pop(key, None)
+        return out
+
+    @staticmethod
+    def _other(index: int, count: int, rng: np.random.RandomState) -> int:
+        """A random index other than ``index`` (``index`` itself when it is the only one)."""
+        if count == 1:
+            return index
+        other = rng.randint(count - 1)
+        return other + 1 if other >= index else other
+
+
+def iterations_per_epoch(num_samples: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_samples / batch_size))

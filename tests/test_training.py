@@ -1,0 +1,118 @@
+"""Training through the bundle CLI on tiny volumes: brain and abdomen overlays, outputs, determinism,
+all folds of a split, and a 2-process DDP run (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import DynUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--spatial_size", "[24,24,24]", "--network_depth", "3", "--network_base_filters", "4",
+        "--num_workers", "0", "--max_val_samples", "8", "--batch_size", "2"]
+
+
+def configs(dataset: str, *extra: str) -> str:
+    return repr([f"bundle/configs/{name}" for name in ("train.yaml", f"{dataset}.yaml", *extra)])
+
+
+def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", "training",
+                                                      "--meta_file", "bundle/configs/metadata.json",
+                                                      "--bundle_root", "bundle", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def tiny_network() -> DynUNet:
+    return DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                   upsample_kernel_size=[[2, 2, 2]] * 2, filters=[4, 8, 16], norm_name="instance")
+
+
+def test_brain_training_writes_checkpoint_metrics_and_logs(normal_scans, tmp_path):
+    shipped = sorted((ROOT / "bundle" / "models").rglob("*"))
+    out = tmp_path / "run"
+    result = run(["--config_file", configs("brain"), "--dataset_dir", str(normal_scans["brain"]),
+                  "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+                  "--fold", "0", "--num_train_tasks", "1", "--max_epochs", "2", *TINY])
+    assert "'poisson_inter' is off" in result.stdout + result.stderr
+    checkpoint = out / "models" / "brain" / "fold_0.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    tiny_network().load_state_dict(state)  # a plain state dict of the configured network
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert {"pixel_ap", "sample_ap", "loss", "epoch"} <= set(record) and record["fold"] == 0
+        assert 0 <= record["pixel_ap"] <= 1 and 0 <= record["sample_ap"] <= 1 and record["loss"] > 0
+    fold = json.loads((out / "models" / "brain" / "fold_0.json").read_text())
+    assert fold["train_tasks"] == ["poisson_intra"] and len(fold["val_tasks"]) == 4
+    assert fold["best_metric"] == max(r["pixel_ap"] for r in records)
+    assert list((out / "logs" / "brain" / "fold_0").glob("events.out.tfevents.*"))
+    assert not list(out.rglob("*cache*")) and list((tmp_path / "cache").rglob("*.pt"))
+    assert sorted((ROOT / "bundle" / "models").rglob("*")) == shipped
+
+
+def test_same_seed_same_validation_and_training(normal_scans, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run(["--config_file", configs("brain"), "--dataset_dir", str(normal_scans["brain"]),
+             "--output_dir", str(out), "--cache_dir", str(tmp_path / f"cache_{name}"),
+             "--fold", "2", "--max_epochs", "1", *TINY])
+        outputs.append(out)
+    first, second = (json.loads((o / "metrics.json").read_text()) for o in outputs)
+    assert first == second  # the untrained network sees the same validation set, and training is repeatable
+    a, b = (torch.load(o / "models" / "brain" / "fold_2.pt", weights_only=True) for o in outputs)
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
+    out = tmp_path / "run"
+    run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),
+         "--foreign_dir", str(normal_scans["brain"]), "--output_dir", str(out),
+         "--cache_dir", str(tmp_path / "cache"), "--fold", "3", "--num_train_tasks", "2", "--max_epochs", "1",
+         "--loss", "bce", *TINY])
+    model_dir = out / "models" / "abdom"
+    fingerprint = json.loads((model_dir / "fingerprint.json").read_text())
+    assert -1000 <= fingerprint["percentile_00_5"] < fingerprint["mean"] < fingerprint["percentile_99_5"] <= 1500
+    fold = json.loads((model_dir / "fold_3.json").read_text())
+    assert fold["split"]["tasks"] == ["poisson_intra", "poisson_inter", "sink", "source", "smooth_intensity"]
+    assert fold["train_tasks"] == ["poisson_intra", "smooth_intensity"]  # combinations(range(5), 2)[3]
+    assert fold["split"]["train_data_folds"] == [1, 2, 3]  # the larger group trains
+    assert (model_dir / "fold_3.pt").is_file()
+
+
+def test_all_folds_of_a_split_and_their_summary(normal_scans, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = [sys.executable, "-m", "scripts.training", "--config_file", "bundle/configs/train.yaml",
+               "bundle/configs/brain.yaml", "--output_dir", str(out), "--num_train_tasks", "4", "--folds", "0", "4",
+               "--dataset_dir", str(normal_scans["brain"]), "--cache_dir", str(tmp_path / "cache"),
+               "--max_epochs", "1", *TINY]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    summary = json.loads((out / "models" / "brain" / "summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 4] and summary["failed_folds"] == []
+    assert all(f["exit_code"] == 0 and "best_metric" in f for f in summary["folds"])
+    assert summary["folds"][1]["train_tasks"] == ["fpi", "sink", "source", "smooth_intensity"]  # (1, 2, 3, 4)
+    assert {p.name for p in (out / "models" / "brain").glob("*.pt")} == {"fold_0.pt", "fold_4.pt"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun test needs Linux")
+def test_two_process_ddp_on_cpu(normal_scans, tmp_path):
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m"]
+    run(["--config_file", configs("brain", "multi_gpu_train.yaml"), "--dataset_dir", str(normal_scans["brain"]),
+         "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--fold", "1", "--max_epochs", "2",
+         *TINY], launcher=torchrun)
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # written once, by rank 0
+    tiny_network().load_state_dict(torch.load(out / "models" / "brain" / "fold_1.pt", weights_only=True))
