@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle
 
-.PHONY: setup test lint demo preview bench verify clean
+.PHONY: setup test lint demo preview bench bench-training train normals verify clean
+
+# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
+# trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
+DATASET ?= brain
+OUT ?= runs
+T ?= 1
 
 setup: $(STAMP)
 
@@ -32,6 +38,19 @@ preview: setup
 
 bench: setup
 	$(PY) bench/bench_engine.py
+
+bench-training: setup
+	$(PY) bench/bench_training.py
+
+train: setup
+	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
+	$(PY) -m scripts.training --config_file bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
+		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
+		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
+
+# toy normal scans for trying training without MOOD data: `make normals DATASET=brain OUT=data/normals`
+normals: setup
+	$(PY) -m scripts.phantoms --dataset $(DATASET) --output-dir $(OUT) --count 20
 
 verify: setup
 	$(PY) -m monai.bundle verify_metadata --meta_file bundle/configs/metadata.json \

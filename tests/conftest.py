@@ -35,35 +35,10 @@ def scans(request):
     return {"image": image, "foreground": foreground, "partner": partner, "foreign": foreign}
 
 
-def write_normal_scans(folder: Path, dataset: str, count: int, size: int = 36) -> list[Path]:
-    """Tiny NIfTI "normal scans": deformed MNI152 brains (positive MRI-like intensities, float32) or CT
-    phantoms (int16 Hounsfield units), with anisotropic affines as real scans have."""
-    import nibabel as nib
-    import numpy as np
-
-    from scripts.phantoms import brain_partner, ct_phantom, mni152_brain
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if dataset == "brain":
-        template, foreground = mni152_brain(size)
-    for i in range(count):
-        if dataset == "brain":
-            volume, _ = brain_partner(template, foreground, seed=i)
-            volume = ((volume - volume.min()) * 100.0).astype(np.float32)
-            affine = np.diag([2.0, 2.0, 2.2, 1.0])
-        else:
-            volume, _ = ct_phantom(size, seed=i)
-            volume = volume.astype(np.int16)
-            affine = np.diag([3.0, 3.0, 2.5, 1.0])
-        path = folder / f"{dataset}_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(volume, affine), path)
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="session")
 def normal_scans(tmp_path_factory):
     """Ten tiny brain and ten tiny abdominal normal scans, written once per test session."""
+    from scripts.phantoms import write_normal_scans
+
     root = tmp_path_factory.mktemp("normals")
-    return {name: write_normal_scans(root / name, name, 10)[0].parent for name in ("brain", "abdom")}
+    return {name: write_normal_scans(root / name, name, count=10, size=36)[0].parent for name in ("brain", "abdom")}

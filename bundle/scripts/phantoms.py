@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path", "zscore"]
+__all__ = [
+    "MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path", "write_normal_scans", "zscore"
+]
 
 # The file nilearn's ``load_mni152_template`` reads (``nilearn.datasets.struct.MNI152_FILE_PATH``).
 MNI152_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -342,3 +344,49 @@ def ct_phantom(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     vol[body] += noise[body]
     vol = np.clip(vol, HU["air"], 1500.0)
     return vol.astype(np.float32), body
+
+
+def write_normal_scans(folder: str | Path, dataset: str, count: int, size: int = 128, seed: int = 0) -> list[Path]:
+    """Write ``count`` normal toy scans as NIfTI: ``brain`` (deformed, re-contrasted MNI152 brains, float32
+    in [0, 1] with a zero background, 1.5 mm voxels) or ``abdom`` (CT phantoms, int16 Hounsfield units,
+    3 mm voxels). File names ``<dataset>_<index>.nii.gz``; deterministic in ``seed``."""
+    import nibabel as nib
+
+    if dataset not in ("brain", "abdom"):
+        raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if dataset == "brain":
+        template, foreground = mni152_brain(size)
+    paths = []
+    for i in range(count):
+        if dataset == "brain":
+            volume, _ = brain_partner(template, foreground, seed=seed * 100_003 + i)
+            volume = (volume - volume.min()) / max(float(volume.max() - volume.min()), 1e-6)
+            volume, spacing = volume.astype(np.float32), 1.5 * 128 / size
+        else:
+            volume, _ = ct_phantom(size, seed=seed * 100_003 + i)
+            volume, spacing = np.round(volume).astype(np.int16), 3.0 * 128 / size
+        path = folder / f"{dataset}_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, np.diag([spacing, spacing, spacing, 1.0])), path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write toy normal scans (no download needed).")
+    parser.add_argument("--dataset", choices=("brain", "abdom"), required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = write_normal_scans(args.output_dir, args.dataset, args.count, args.size, args.seed)
+    print(f"wrote {len(paths)} {args.dataset} scans to {args.output_dir}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
