@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     step = statistics.median(totals)
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": str(trainer.device),
+        "device": str(trainer.state.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "spatial_size": args.spatial_size,
