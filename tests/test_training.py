@@ -78,8 +78,10 @@ def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     out = tmp_path / "run"
     run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),
          "--foreign_dir", str(normal_scans["brain"]), "--output_dir", str(out),
-         "--cache_dir", str(tmp_path / "cache"), "--fold", "3", "--num_train_tasks", "2", "--max_epochs", "1",
-         "--loss", "bce", *TINY])
+         "--cache_dir", str(tmp_path / "cache"), "--fold", "3", "--num_train_tasks", "2", "--max_epochs", "3",
+         "--val_interval", "2", "--loss", "bce", *TINY])
+    # validation before training, every second epoch, and after the last epoch
+    assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [0, 2, 3]
     model_dir = out / "models" / "abdom"
     fingerprint = json.loads((model_dir / "fingerprint.json").read_text())
     assert -1000 <= fingerprint["percentile_00_5"] < fingerprint["mean"] < fingerprint["percentile_99_5"] <= 1500
