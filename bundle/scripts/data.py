@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -325,7 +324,3 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
             return index
         other = rng.randint(count - 1)
         return other + 1 if other >= index else other
-
-
-def iterations_per_epoch(num_samples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_samples / batch_size))

@@ -18,7 +18,9 @@ import torch
 
 from scripts.data import CrossValidationSplit, model_folds, save_json
 
-__all__ = ["cache_folder", "check_output_dir", "save_fold_result", "save_training_settings", "train_folds"]
+__all__ = [
+    "cache_folder", "cached_scans", "check_output_dir", "save_fold_result", "save_training_settings", "train_folds"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,17 @@ def cache_folder(cache_dir: str | Path, dataset_dir: str | Path) -> str:
     (MONAI's PersistentDataset also keys each file by its path and the preprocessing's hash.)"""
     key = hashlib.sha1(str(Path(dataset_dir).resolve()).encode()).hexdigest()[:16]
     return str(Path(cache_dir) / f"{Path(dataset_dir).name}-{key}")
+
+
+def cached_scans(scans, preprocessing, cache_dir: str | Path, dataset_dir: str | Path):
+    """The preprocessed ``scans`` (paths) as a MONAI PersistentDataset: decoded and resampled once, then read
+    back from ``cache_dir``; the key includes the preprocessing, so changing it (e.g. ``spatial_size``)
+    never reuses stale volumes."""
+    from monai.data import PersistentDataset
+    from monai.data.utils import json_hashing
+
+    return PersistentDataset([{"image": s} for s in scans], transform=preprocessing,
+                             cache_dir=cache_folder(cache_dir, dataset_dir), hash_transform=json_hashing)
 
 
 def check_output_dir(output_dir: str | Path, bundle_root: str | Path) -> None:
