@@ -15,7 +15,7 @@ from monai.utils import convert_to_dst_type
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
 
-__all__ = ["ForegroundMaskd", "NormaliseIntensityd", "RandSyntheticAnomalyd"]
+__all__ = ["FiniteIntensityd", "ForegroundMaskd", "NormaliseIntensityd", "RandSyntheticAnomalyd"]
 
 NO_ANOMALY = "none"
 
@@ -171,6 +171,30 @@ def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
     """A regular subsample of at most about ``limit`` values of ``image``, for order statistics."""
     step = max(1, int(round((image.numel() / limit) ** (1.0 / max(image.ndim - 1, 1)))))
     return image[(slice(None), *([slice(None, None, step)] * (image.ndim - 1)))].reshape(-1)
+
+
+class FiniteIntensityd(Transform):
+    """Replace NaN by the lowest finite intensity (background) and +-Inf by the highest / lowest finite
+    one, so that a scan with a few broken voxels is still scored. An image without any finite voxel
+    becomes all zeros."""
+
+    def __init__(self, keys: str = "image") -> None:
+        self.key = keys
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d[self.key]
+        values = _as_tensor(image)
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return d
+        if bool(finite.any()):
+            low, high = float(values[finite].min()), float(values[finite].max())
+        else:
+            low = high = 0.0
+        fixed = torch.nan_to_num(values.float(), nan=low, posinf=high, neginf=low)
+        d[self.key] = convert_to_dst_type(fixed, image, dtype=fixed.dtype)[0]
+        return d
 
 
 class ForegroundMaskd(Transform):

@@ -1,0 +1,164 @@
+"""Inference through the bundle CLI: pixel maps on the input grid, sample scores, the fold ensemble,
+bad inputs that never stop the rest, and clear errors for an empty folder or missing models."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from monai.networks.nets import DynUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_NET = ["--network_depth", "3", "--network_base_filters", "4"]
+
+
+def tiny_network(seed: int) -> DynUNet:
+    torch.manual_seed(seed)
+    return DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                   upsample_kernel_size=[[2, 2, 2]] * 2, filters=[4, 8, 16], norm_name="instance")
+
+
+def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None) -> Path:
+    """Fold models as training writes them: fold_<k>.pt state dicts and fold_<k>.json with the grid."""
+    folder = models_dir / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for fold in folds:
+        torch.save(tiny_network(fold).state_dict(), folder / f"fold_{fold}.pt")
+        (folder / f"fold_{fold}.json").write_text(json.dumps({"fold": fold, "spatial_size": [24, 24, 24]}))
+    if fingerprint is not None:
+        (folder / "fingerprint.json").write_text(json.dumps(fingerprint))
+    return models_dir
+
+
+def infer(dataset: str, input_dir, output_dir, mode: str, models_dir, check: bool = True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file",
+               repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]),
+               "--input_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
+               "--models_dir", str(models_dir), *TINY_NET]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_pixel_maps_are_on_the_input_grid_and_in_unit_range(normal_scans, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0])
+    out = tmp_path / "pixel"
+    result = infer("brain", normal_scans["brain"], out, "pixel", models)
+    inputs = sorted(normal_scans["brain"].glob("*.nii.gz"))
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in inputs]
+    for path in inputs:
+        source, written = nib.load(path), nib.load(out / path.name)
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        values = np.asanyarray(written.dataobj)
+        assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1 and values.std() > 0
+    assert f"[{len(inputs)}/{len(inputs)}]" in result.stdout
+    assert f"summary: {len(inputs)} done, 0 failed" in result.stdout
+
+
+def test_ensemble_of_two_folds_is_the_mean_of_its_members(normal_scans, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(normal_scans["brain"].glob("*.nii.gz"))[:2]:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    maps = {}
+    for name, folds in (("a", [0]), ("b", [1]), ("both", [0, 1])):
+        models = write_models(tmp_path / f"models_{name}", "brain", folds)
+        infer("brain", inputs, tmp_path / name, "pixel", models)
+        maps[name] = [np.asanyarray(nib.load(p).dataobj) for p in sorted((tmp_path / name).iterdir())]
+    for a, b, both in zip(maps["a"], maps["b"], maps["both"]):
+        assert not np.allclose(a, b)
+        np.testing.assert_allclose(both, (a + b) / 2, atol=1e-5)
+
+
+def test_sample_scores_for_abdomen_with_fingerprint(normal_scans, tmp_path):
+    fingerprint = {"percentile_00_5": -900.0, "percentile_99_5": 800.0, "mean": -50.0, "std": 300.0}
+    models = write_models(tmp_path / "models", "abdom", [0, 3], fingerprint)
+    out = tmp_path / "sample"
+    infer("abdom", normal_scans["abdom"], out, "sample", models)
+    inputs = sorted(normal_scans["abdom"].glob("*.nii.gz"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.name}.txt" for p in inputs)
+    scores = [float((out / f"{p.name}.txt").read_text()) for p in inputs]
+    assert all(0 <= s <= 1 for s in scores) and len(set(scores)) > 1
+    (models / "abdom" / "fingerprint.json").unlink()
+    result = infer("abdom", normal_scans["abdom"], tmp_path / "again", "sample", models, check=False)
+    assert result.returncode != 0 and "fingerprint.json" in result.stderr + result.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, normal_scans):
+    folder = tmp_path_factory.mktemp("bad")
+    good = np.asanyarray(nib.load(sorted(normal_scans["brain"].glob("*.nii.gz"))[0]).dataobj).astype(np.float32)
+    (folder / "corrupt.nii.gz").write_bytes(gzip.compress(b"not a nifti" * 20))
+    (folder / "empty.nii.gz").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a scan")
+    nib.save(nib.Nifti1Image(good[:, :, 10].copy(), np.eye(4)), folder / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([good] * 3, -1), np.eye(4)), folder / "series.nii.gz")
+    broken = good.copy()
+    broken[4:7, 4:7, 4:7], broken[9, 9, 9], broken[10, 10, 10] = np.nan, np.inf, -np.inf
+    nib.save(nib.Nifti1Image(broken, np.eye(4)), folder / "nan_inf.nii.gz")
+    nib.save(nib.Nifti1Image((good * 1000).astype(np.int16), np.eye(4)), folder / "int16.nii.gz")
+    nib.save(nib.Nifti1Image(good[:31, :27, :23].copy(), np.diag([0.7, 1.3, 3.0, 1.0])),
+             folder / "odd shape with spaces.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((20, 20, 20), 7.0, np.float32), np.eye(4)), folder / "constant.nii.gz")
+    nib.save(nib.Nifti1Image(good[..., None], np.eye(4)), folder / "trailing_one.nii")
+    return folder
+
+
+READABLE = ["constant.nii.gz", "int16.nii.gz", "nan_inf.nii.gz", "odd shape with spaces.nii.gz", "trailing_one.nii"]
+UNREADABLE = ["corrupt.nii.gz", "empty.nii.gz", "flat.nii.gz", "series.nii.gz"]
+
+
+def test_bad_inputs_pixel(bad_inputs, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0])
+    result = infer("brain", bad_inputs, tmp_path / "out", "pixel", models)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(READABLE)
+    for name in READABLE:
+        source, written = nib.load(bad_inputs / name), nib.load(tmp_path / "out" / name)
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        values = np.asanyarray(written.dataobj)
+        assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    log = result.stdout + result.stderr
+    for name in UNREADABLE:
+        assert f"{name}: FAILED: " in result.stdout
+    assert "not a 3D volume: shape (36, 36)" in log and "shape (36, 36, 36, 3)" in log
+    assert "notes.txt" in log and "not a NIfTI file" in log
+    assert f"summary: {len(READABLE)} done, {len(UNREADABLE)} failed" in result.stdout
+
+
+def test_bad_inputs_sample_get_the_fallback_score(bad_inputs, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0])
+    infer("brain", bad_inputs, tmp_path / "out", "sample", models)
+    written = {p.name: float(p.read_text()) for p in (tmp_path / "out").iterdir()}
+    assert set(written) == {f"{n}.txt" for n in READABLE + UNREADABLE}
+    assert all(written[f"{n}.txt"] == 1.0 for n in UNREADABLE)  # the documented fallback
+    assert all(0 <= written[f"{n}.txt"] < 1.0 for n in READABLE)
+
+
+def test_empty_folder_and_missing_models_are_clear_errors(normal_scans, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    models = write_models(tmp_path / "models", "brain", [0])
+    result = infer("brain", empty, tmp_path / "out", "pixel", models, check=False)
+    assert result.returncode != 0 and "holds no *.nii.gz or *.nii scans" in result.stdout + result.stderr
+    result = infer("brain", normal_scans["brain"], tmp_path / "out", "pixel", tmp_path / "nowhere", check=False)
+    assert result.returncode != 0 and "no trained models for 'brain'" in result.stdout + result.stderr
+
+
+def test_training_and_inference_define_the_same_network():
+    train = yaml.safe_load((ROOT / "bundle/configs/train.yaml").read_text())
+    inference = yaml.safe_load((ROOT / "bundle/configs/inference.yaml").read_text())
+    assert train["network_def"] == inference["network_def"]
+    for key in ("network_depth", "network_base_filters", "network_max_filters", "sample_score_fraction"):
+        assert train[key] == inference[key], key
