@@ -225,7 +225,7 @@ class WriteSampleScored(MapTransform):
     ``top_fraction`` highest voxels of the working-grid map (:func:`scripts.metrics.sample_score`, the same
     aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
 
-    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", top_fraction: float = 1e-4,
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", top_fraction: float = 1e-2,
                  fallback_score: float = 1.0, allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= fallback_score <= 1.0:

@@ -49,7 +49,7 @@ def _as_list(x) -> list[torch.Tensor]:
     return list(x)
 
 
-def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-4) -> torch.Tensor:
+def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.Tensor:
     """Scan-level score from an anomaly map: the mean of its ``top_fraction`` highest voxels (at least one)."""
     flat = prediction.reshape(-1).float()
     k = max(1, int(round(top_fraction * flat.numel())))
@@ -88,7 +88,7 @@ class SampleAveragePrecision(Metric):
     """Scan-level AP: a sample is anomalous when any voxel's label reaches ``threshold``; its score is
     :func:`sample_score` of the predicted map."""
 
-    def __init__(self, top_fraction: float = 1e-4, threshold: float = 0.5,
+    def __init__(self, top_fraction: float = 1e-2, threshold: float = 0.5,
                  output_transform: Callable = lambda x: x, device="cpu") -> None:
         self.top_fraction = top_fraction
         self.threshold = threshold

@@ -1,0 +1,105 @@
+"""Choose the sample-score aggregation on synthetic validation data (never on toy test cases).
+
+Run from the repository root after a training run::
+
+    PYTHONPATH=bundle .venv/bin/python bench/choose_sample_score.py --run_dir RUN --dataset_dir DIR \
+        [--dataset brain] [--fold 0] [--spatial_size 64] [--json PATH]
+
+Rebuilds the run's fixed validation set (held-out tasks, about half the samples normal) from the training
+config, predicts each sample with the fold's best checkpoint, and reports the sample AP of several ways to
+turn a map into one score: the mean of the top fraction of voxels (1 voxel, 1e-4, 1e-3, 1e-2), the mean of
+the whole map, and FPI's slice score (per-slice mean, smoothed along the slices, mean of the top 25 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.signal import savgol_filter
+from sklearn.metrics import average_precision_score
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+
+from monai.bundle import ConfigParser  # noqa: E402
+
+from scripts.metrics import sample_score  # noqa: E402
+
+
+def fpi_slice_score(prediction: torch.Tensor, axis: int = 2) -> float:
+    """FPI (REFERENCE.md section 2): per-slice mean, Savitzky-Golay smoothing over ~10 % of the slices,
+    then the mean of the top 25 % of slices."""
+    values = prediction.reshape(prediction.shape[-3:]).float().numpy()
+    per_slice = values.mean(axis=tuple(i for i in range(3) if i != axis))
+    window = max(3, int(round(0.1 * per_slice.size)) // 2 * 2 + 1)
+    smoothed = savgol_filter(per_slice, window, polyorder=2) if per_slice.size > window else per_slice
+    top = np.sort(smoothed)[::-1][: max(1, per_slice.size // 4)]
+    return float(top.mean())
+
+
+AGGREGATIONS = {
+    "max (1 voxel)": lambda p: float(p.max()),
+    "top 1e-4": lambda p: float(sample_score(p, 1e-4)),
+    "top 1e-3": lambda p: float(sample_score(p, 1e-3)),
+    "top 1e-2": lambda p: float(sample_score(p, 1e-2)),
+    "mean": lambda p: float(p.mean()),
+    "FPI slices": fpi_slice_score,
+}
+
+
+def main(argv=None) -> dict:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--run_dir", required=True)
+    cli.add_argument("--dataset_dir", required=True)
+    cli.add_argument("--dataset", default="brain")
+    cli.add_argument("--fold", type=int, default=0)
+    cli.add_argument("--num_train_tasks", type=int, default=1)
+    cli.add_argument("--spatial_size", type=int, default=64)
+    cli.add_argument("--cache_dir", default=None)
+    cli.add_argument("--all_scans", action="store_true",
+                     help="held-out tasks on every scan (more samples; the training scans' anatomy was seen)")
+    cli.add_argument("--json", default=str(REPO / "bench/results/sample_score.json"))
+    args = cli.parse_args(argv)
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle/configs/train.yaml"), str(REPO / f"bundle/configs/{args.dataset}.yaml")])
+    overrides = {"bundle_root": str(REPO / "bundle"), "dataset_dir": args.dataset_dir, "fold": args.fold,
+                 "num_train_tasks": args.num_train_tasks, "spatial_size": [args.spatial_size] * 3,
+                 "output_dir": args.run_dir, "num_workers": 0}
+    if args.cache_dir:
+        overrides["cache_dir"] = args.cache_dir
+    parser.update(overrides)
+    if args.all_scans:
+        parser["validate#dataset#scans"] = "@all_scans"
+        parser["validate#dataset#max_samples"] = None
+    dataset = parser.get_parsed_content("validate#dataset")
+    network = parser.get_parsed_content("network_def")
+    checkpoint = Path(args.run_dir) / "models" / args.dataset / f"fold_{args.fold}.pt"
+    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    network.eval()
+
+    scores = {name: [] for name in AGGREGATIONS}
+    labels = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            prediction = torch.sigmoid(network(item["image"][None].float()))[0]
+            labels.append(float(item["label"].max() >= 0.5))
+            for name, aggregate in AGGREGATIONS.items():
+                scores[name].append(aggregate(prediction))
+    result = {"checkpoint": str(checkpoint), "all_scans": args.all_scans, "samples": len(labels),
+              "anomalous": int(sum(labels)),
+              "sample_ap": {name: float(average_precision_score(labels, s)) for name, s in scores.items()}}
+    print(json.dumps(result, indent=1))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

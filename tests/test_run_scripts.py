@@ -1,0 +1,82 @@
+"""The four MOOD run scripts from a checkout, under the challenge's constraints: absolute paths,
+predictions named after the inputs, nothing written outside the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["run_pixel_brain.sh", "run_sample_brain.sh", "run_pixel_abdom.sh", "run_sample_abdom.sh"]
+
+
+@pytest.fixture(scope="module")
+def default_models(tmp_path_factory):
+    """Two folds per dataset of the default network (random weights), recorded at a 32^3 working grid."""
+    models = tmp_path_factory.mktemp("models")
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle/configs/inference.yaml"))
+    for dataset in ("brain", "abdom"):
+        folder = models / dataset
+        folder.mkdir()
+        for fold in (0, 1):
+            torch.manual_seed(fold)
+            network = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+            torch.save(network.state_dict(), folder / f"fold_{fold}.pt")
+            (folder / f"fold_{fold}.json").write_text(json.dumps({"spatial_size": [32, 32, 32]}))
+    (models / "abdom" / "fingerprint.json").write_text(
+        json.dumps({"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}))
+    return models
+
+
+def git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_run_script_writes_only_predictions_into_the_output_folder(script, normal_scans, default_models, tmp_path):
+    mode, dataset = script[len("run_"):-len(".sh")].split("_")
+    inputs = tmp_path / "mnt data"  # a space in the path, and a relative path given to the script
+    shutil.copytree(normal_scans[dataset], inputs)
+    outputs = tmp_path / "pred"
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), tmp.mkdir()
+    before = git_status()
+    env = dict(os.environ, MOOD_MODELS_DIR=str(default_models), HOME=str(home), TMPDIR=str(tmp))
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["sh", str(ROOT / "docker" / script), "mnt data", "pred"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = sorted(p.name for p in inputs.iterdir())
+    expected = names if mode == "pixel" else [f"{n}.txt" for n in names]
+    assert sorted(p.name for p in outputs.iterdir()) == expected  # nothing else, no temporary folder left
+    for name in names:
+        if mode == "pixel":
+            source, written = nib.load(inputs / name), nib.load(outputs / name)
+            assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+            values = np.asanyarray(written.dataobj)
+            assert 0 <= values.min() and values.max() <= 1
+        else:
+            assert 0 <= float((outputs / f"{name}.txt").read_text()) <= 1
+    assert not any(home.iterdir()) and not any(tmp.iterdir())
+    assert git_status() == before  # the checkout stays clean: no caches, no __pycache__
+    assert f"summary: {len(names)} done, 0 failed" in result.stdout
+
+
+def test_run_script_usage_and_missing_input(tmp_path):
+    script = str(ROOT / "docker" / "run_pixel_brain.sh")
+    result = subprocess.run(["sh", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: run_pixel_brain.sh input_folder output_folder" in result.stderr
+    result = subprocess.run(["sh", script, str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "does not exist" in result.stderr
