@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle
 
-.PHONY: setup test lint demo preview bench bench-training train normals verify clean
+.PHONY: setup test lint demo preview bench bench-training bench-inference train infer evaluate normals verify clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -47,6 +47,21 @@ train: setup
 	$(PY) -m scripts.training --config_file bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
 		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
+
+# `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample] [MODELS=runs/models]`
+MODE ?= pixel
+infer: setup
+	@test -n "$(IN)" || (echo "usage: make infer IN=<folder of scans> OUT=<folder> [DATASET=brain|abdom] [MODE=pixel|sample]"; exit 2)
+	$(PY) -m monai.bundle run inference --meta_file bundle/configs/metadata.json --bundle_root bundle \
+		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(DATASET).yaml']" \
+		--input_dir "$(IN)" --output_dir "$(OUT)" --mode $(MODE) $(if $(MODELS),--models_dir "$(MODELS)")
+
+# `make evaluate DATA=<MOOD-layout dataset folder> PRED=<predictions folder> [MODE=pixel|sample]`
+evaluate: setup
+	$(PY) -m scripts.evaluate --data_dir "$(DATA)" --pred_dir "$(PRED)" --mode $(MODE)
+
+bench-inference: setup
+	$(PY) bench/bench_inference.py
 
 # toy normal scans for trying training without MOOD data: `make normals DATASET=brain OUT=data/normals`
 normals: setup
