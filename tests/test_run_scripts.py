@@ -80,3 +80,33 @@ def test_run_script_usage_and_missing_input(tmp_path):
     result = subprocess.run(["sh", script, str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True,
                             text=True)
     assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_mood_layout_scripts_then_evaluation(normal_scans, default_models, tmp_path):
+    """The challenge's chain on a MOOD-layout folder: toy/ scans with toy_label/ -> run scripts -> evaluate."""
+    from scripts.evaluate import evaluate
+
+    root = tmp_path / "brain"
+    (root / "toy").mkdir(parents=True)
+    (root / "toy_label" / "pixel").mkdir(parents=True)
+    (root / "toy_label" / "sample").mkdir(parents=True)
+    for i, scan in enumerate(sorted(normal_scans["brain"].glob("*.nii.gz"))[:4]):
+        image = nib.load(scan)
+        volume = np.asanyarray(image.dataobj).astype(np.float32)
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        if i % 2:  # a bright cube: an anomaly with its label
+            mask[12:20, 12:20, 12:20] = 1
+            volume[mask > 0] = volume.max() * 1.5
+        name = f"toy_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, image.affine), root / "toy" / name)
+        nib.save(nib.Nifti1Image(mask, image.affine), root / "toy_label" / "pixel" / name)
+        (root / "toy_label" / "sample" / f"{name}.txt").write_text(f"{i % 2}\n")
+    env = dict(os.environ, MOOD_MODELS_DIR=str(default_models))
+    for mode in ("pixel", "sample"):
+        out = tmp_path / f"pred_{mode}"
+        result = subprocess.run(["sh", str(ROOT / "docker" / f"run_{mode}_brain.sh"), str(root / "toy"), str(out)],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = evaluate(root, out, mode)
+        assert report["n_cases"] == 4 and not report["missing"] and not report["failed"]
+        assert 0.0 < report["average_precision"] <= 1.0
