@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -171,4 +170,3 @@ def test_fingerprint_written_and_read_back(tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="fingerprint"):
         NormaliseIntensityd(mode="fingerprint")
-    shutil.rmtree(tmp_path)
