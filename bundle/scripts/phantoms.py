@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
-    "MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path", "write_normal_scans", "zscore"
+    "MNI152_T1_FILE", "brain_partner", "ct_phantom", "mni152_brain", "mni152_path", "mni152_tissues",
+    "write_normal_scans", "zscore",
 ]
 
 # The file nilearn's ``load_mni152_template`` reads (``nilearn.datasets.struct.MNI152_FILE_PATH``).
@@ -129,6 +130,55 @@ def mni152_brain(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"size must be at least 8, got {size}")
     vol, fg = _mni152_cached(int(size))
     return vol.copy(), fg.copy()
+
+
+# Grey- and white-matter probability maps nilearn ships next to the T1 template (same grid).
+MNI152_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
+MNI152_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@functools.lru_cache(maxsize=2)
+def _mni152_tissues_cached(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    folder = mni152_path().parent
+    t1 = np.asarray(nib.load(folder / MNI152_T1_FILE).dataobj, dtype=np.float32)
+    # the same crop (T1 bounding box plus 4 voxels), cube padding and zoom as _mni152_cached
+    nonzero = np.nonzero(t1 > 0)
+    margin = 4
+    lo = [max(int(a.min()) - margin, 0) for a in nonzero]
+    hi = [min(int(a.max()) + 1 + margin, n) for a, n in zip(nonzero, t1.shape, strict=True)]
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    side = max(b - a for a, b in zip(lo, hi, strict=True))
+    factor = size / side
+    out = []
+    for name in (MNI152_GM_FILE, MNI152_WM_FILE):
+        raw = np.asarray(nib.load(folder / name).dataobj, dtype=np.float32)[crop]
+        raw /= max(float(raw.max()), 1e-6)
+        pad = [((side - n) // 2, side - n - (side - n) // 2) for n in raw.shape]
+        cube = np.pad(raw, pad)
+        if factor < 1.0:
+            cube = ndi.gaussian_filter(cube, sigma=(1.0 / factor - 1.0) / 2.0, truncate=3.0)
+        vol = ndi.zoom(cube, factor, order=1, grid_mode=True, mode="grid-constant", cval=0.0)
+        out.append(np.clip(_fit(vol, size), 0.0, 1.0).astype(np.float32))
+    _, brain = _mni152_cached(size)
+    gm, wm = out[0] * brain, out[1] * brain
+    total = gm + wm
+    scale = np.where(total > 1.0, 1.0 / np.maximum(total, 1e-6), 1.0).astype(np.float32)
+    gm, wm = gm * scale, wm * scale
+    csf = np.clip(brain.astype(np.float32) - gm - wm, 0.0, 1.0)
+    return gm, wm, csf, brain
+
+
+def mni152_tissues(size: int = 128) -> dict[str, np.ndarray]:
+    """Grey matter, white matter and CSF probability maps on the grid of :func:`mni152_brain` (same crop,
+    cube and zoom), plus its brain mask: ``{"gm", "wm", "csf", "brain"}``. The maps are nilearn's ICBM 2009a
+    GM/WM maps (scaled to [0, 1], zero outside the brain mask, GM + WM <= 1); CSF is the brain mask minus GM
+    minus WM, clipped to [0, 1]. Offline: read with nibabel from nilearn's package data."""
+    if size < 8:
+        raise ValueError(f"size must be at least 8, got {size}")
+    gm, wm, csf, brain = _mni152_tissues_cached(int(size))
+    return {"gm": gm.copy(), "wm": wm.copy(), "csf": csf.copy(), "brain": brain.copy()}
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], waves: int = 6,

@@ -1,0 +1,446 @@
+"""MOOD-layout toy data, generated offline (nothing is downloaded).
+
+Writes, for each dataset (``brain``, ``abdom``), the folder layout of the MOOD challenge (REFERENCE.md section 1)::
+
+    <root>/<dataset>/<dataset>_train/00000.nii.gz ...        normal training scans
+    <root>/<dataset>/toy/toy_<i>.nii.gz                      toy test scans (about half of them normal)
+    <root>/<dataset>/toy_label/pixel/toy_<i>.nii.gz          uint8 masks: exactly the voxels an anomaly changed
+    <root>/<dataset>/toy_label/sample/toy_<i>.nii.gz.txt     "0" or "1"
+    <root>/<dataset>/toy_label/anomalies.json                per case: kinds ("normal" or anomaly kinds), boxes
+
+Brain scans are T2-like (CSF bright, grey matter brighter than white matter), composed from the MNI152 tissue
+maps nilearn ships (:func:`scripts.phantoms.mni152_tissues`), each subject deformed by a smooth random elastic
+field, with its own tissue contrast, gamma, bias field and Rician-like noise; float32 in [0, 1], zero
+background, 256 / size mm isotropic voxels. Abdominal scans are :func:`scripts.phantoms.ct_phantom` volumes
+(int16 Hounsfield units, 384 / size mm voxels), generated at half size and repeated x2 above 256.
+
+The toy anomalies are deliberately unlike the self-supervised training tasks (patch interpolation, Poisson
+blending, sink/source deformation, smooth intensity change): lesion-like ``tumour``, ``infarct`` and ``spots``,
+and artificial ``foreign_object``, ``noise_patch`` and ``missing_slab``. The pixel label of a case is
+``anomalous != normal``, so it holds exactly the voxels that changed.
+
+CLI: ``PYTHONPATH=bundle python -m scripts.toy_data --output-dir DIR [--datasets brain abdom] [--size N]
+[--train N] [--toy N] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from scripts.phantoms import _smooth_field, ct_phantom, mni152_tissues
+
+__all__ = [
+    "ANOMALY_KINDS", "DEFAULT_SIZE", "apply_anomaly", "brain_scan", "abdom_scan", "normal_scan", "toy_case",
+    "write_toy_dataset", "main",
+]
+
+DATASETS = ("brain", "abdom")
+DEFAULT_SIZE = {"brain": 256, "abdom": 512}
+# field of view in mm: 1 mm voxels at 256 (brain); 0.75 mm at 512, 3 mm at 128 (abdomen, as phantoms.py)
+FOV_MM = {"brain": 256.0, "abdom": 384.0}
+TRAIN_OFFSET, TOY_OFFSET = 0, 50_000  # subject seeds: toy subjects never coincide with training subjects
+
+# Intensities per dataset: brain in [0, 1] (T2-like), abdomen in Hounsfield units.
+PROFILE = {
+    "brain": {"background": 0.0, "min": 0.0, "max": 1.0, "core": (0.8, 0.95), "necrosis": (0.1, 0.25),
+              "edema": 0.12, "infarct": (0.35, 0.6), "tissue": 0.08, "spot": (0.9, 1.0), "foreign": (0.4, 1.0),
+              "noise": "uniform"},
+    "abdom": {"background": -1000.0, "min": -1000.0, "max": 3000.0, "core": (90.0, 130.0),
+              "necrosis": (-5.0, 15.0), "edema": -20.0, "infarct": (-60.0, -35.0), "tissue": (-40.0, 200.0),
+              "spot": (300.0, 700.0), "foreign": (2000.0, 3000.0), "noise": (40.0, 350.0)},
+}
+
+
+def _spacing(dataset: str, size: int) -> float:
+    return FOV_MM[dataset] / size
+
+
+def _affine(dataset: str, size: int) -> np.ndarray:
+    s = _spacing(dataset, size)
+    return np.diag([s, s, s, 1.0])
+
+
+# --------------------------------------------------------------------------------------------- normal scans
+def brain_scan(size: int, subject: int, return_tissues: bool = False):
+    """A T2-like brain of one subject: ``(volume, brain_mask)`` (and the subject's deformed tissue maps
+    ``{"gm", "wm", "csf"}`` when ``return_tissues``). Deterministic in ``subject``."""
+    maps = mni152_tissues(size)
+    rng = np.random.default_rng([int(subject), 2])
+    shape = (size,) * 3
+    # a smooth random elastic deformation (RMS 2 % of the side), as phantoms.brain_partner
+    coords = np.indices(shape, dtype=np.float32)
+    for axis in range(3):
+        coords[axis] += 0.02 * size * _smooth_field(rng, shape)
+    warped = {k: ndi.map_coordinates(maps[k].astype(np.float32), coords, order=1, mode="constant")
+              for k in ("gm", "wm", "csf", "brain")}
+    del coords
+    brain = ndi.binary_fill_holes(warped.pop("brain") > 0.5)
+    # per-subject tissue contrast (T2: CSF > GM > WM), gamma, bias field and Rician-like noise
+    c_csf, c_gm, c_wm = 1.0, rng.uniform(0.5, 0.6), rng.uniform(0.3, 0.4)
+    vol = c_csf * warped["csf"] + c_gm * warped["gm"] + c_wm * warped["wm"]
+    vol = np.clip(vol, 0.0, None) ** float(np.exp(rng.uniform(-0.15, 0.15)))
+    vol *= np.exp(0.08 * _smooth_field(rng, shape, waves=4, max_cycles=1.0))
+    sigma = rng.uniform(0.015, 0.03)
+    n1 = rng.standard_normal(shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(shape, dtype=np.float32) * sigma
+    vol = np.sqrt((vol + n1) ** 2 + n2**2)
+    del n1, n2
+    vol[~brain] = 0.0
+    top = float(np.percentile(vol[brain], 99.9)) if brain.any() else 1.0
+    vol = np.clip(vol / max(top, 1e-6), 0.0, 1.0).astype(np.float32)
+    if return_tissues:
+        return vol, brain, warped
+    return vol, brain
+
+
+def abdom_scan(size: int, subject: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CT phantom of one subject in int16 HU and its body mask; above 256 it is generated at half size
+    (rounded up) and repeated x2 along every axis."""
+    base = size if size <= 256 else (size + 1) // 2
+    vol, body = ct_phantom(base, seed=int(subject))
+    vol = np.round(vol).astype(np.int16)
+    if base != size:
+        crop = (slice(0, size),) * 3
+        vol = vol.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
+        body = body.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
+    return vol, body
+
+
+def normal_scan(dataset: str, size: int, subject: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(volume, foreground)`` of one normal subject of ``dataset``."""
+    if dataset == "brain":
+        return brain_scan(size, subject)
+    if dataset == "abdom":
+        return abdom_scan(size, subject)
+    raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _box(centre, reach, shape) -> tuple[slice, ...]:
+    return tuple(slice(max(int(np.floor(c - r)), 0), min(int(np.ceil(c + r)) + 1, n))
+                 for c, r, n in zip(centre, reach, shape))
+
+
+def _pick_centre(foreground: np.ndarray, rng: np.random.Generator, reach: float, tries: int = 40) -> tuple:
+    """A random foreground voxel whose surrounding box (half-side ``reach``) is as much foreground as possible
+    (sampled within the foreground's bounding box, without listing all foreground voxels)."""
+    ranges = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(foreground.any(axis=other))
+        ranges.append((int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, foreground.shape[axis]))
+    best, best_frac = None, -1.0
+    for _ in range(tries):
+        c = tuple(int(rng.integers(lo, hi)) for lo, hi in ranges)
+        if not foreground[c]:
+            continue
+        frac = float(foreground[_box(c, (reach,) * 3, foreground.shape)].mean())
+        if frac > best_frac:
+            best, best_frac = c, frac
+        if frac > 0.97:
+            break
+    if best is None:  # fall back to the foreground's centre of mass
+        best = tuple(int(round(v)) for v in ndi.center_of_mass(foreground))
+    return best
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _radius_field(box, centre, radii, rng, roughness: float = 0.0) -> np.ndarray:
+    """Normalised radius of a randomly rotated ellipsoid over ``box`` (< 1 inside), its boundary perturbed
+    by smooth noise of relative amplitude ``roughness``."""
+    offsets = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) - c for s, c in zip(box, centre)],
+                          indexing="ij", sparse=True)
+    rot = _rotation(rng).astype(np.float32)
+    r2 = np.zeros(tuple(s.stop - s.start for s in box), dtype=np.float32)
+    for i in range(3):
+        proj = rot[i, 0] * offsets[0] + rot[i, 1] * offsets[1] + rot[i, 2] * offsets[2]
+        r2 = r2 + (proj / radii[i]) ** 2
+    radius = np.sqrt(r2)
+    if roughness > 0:
+        noise = ndi.gaussian_filter(rng.standard_normal(radius.shape).astype(np.float32),
+                                    sigma=max(min(radii) / 3.0, 0.7))
+        noise /= noise.std() + 1e-6
+        radius *= 1.0 + roughness * np.clip(noise, -2.5, 2.5)
+    return radius
+
+
+def _uniform(rng, bounds) -> float:
+    return float(rng.uniform(*bounds))
+
+
+def _write(vol: np.ndarray, box, region: np.ndarray, values, profile) -> None:
+    """Set ``vol[box][region] = values`` (clipped to the profile's range, rounded for integer volumes)."""
+    values = np.clip(values, profile["min"], profile["max"])
+    if np.issubdtype(vol.dtype, np.integer):
+        values = np.round(values)
+    sub = vol[box]  # a view: basic slicing
+    sub[region] = values if np.ndim(values) == 0 else values[region]
+
+
+# ---------------------------------------------------------------------------------------- anomaly kinds
+def tumour(vol, fg, rng, profile):
+    """An irregular blob (boundary perturbed by smooth noise) with a hyperintense core, a hypointense
+    necrotic centre and a faint edema rim, inside the foreground."""
+    n = min(vol.shape)
+    r = rng.uniform(0.05, 0.11) * n
+    radii = r * rng.uniform(0.75, 1.25, size=3)
+    centre = _pick_centre(fg, rng, r)
+    box = _box(centre, (1.6 * max(radii) + 2,) * 3, vol.shape)
+    d = _radius_field(box, centre, radii, rng, roughness=0.2)
+    inside = fg[box]
+    base = vol[box].astype(np.float32)
+    texture = ndi.gaussian_filter(rng.standard_normal(d.shape).astype(np.float32), 1.0)
+    texture /= texture.std() + 1e-6
+    core_v, nec_v = _uniform(rng, profile["core"]), _uniform(rng, profile["necrosis"])
+    spread = 0.03 * (profile["max"] - profile["min"]) if profile["noise"] == "uniform" else 8.0
+    out = base.copy()
+    rim = (d >= 1.0) & (d < 1.45) & inside
+    out[rim] = base[rim] + profile["edema"]
+    core = (d < 1.0) & inside
+    out[core] = core_v + spread * texture[core]
+    necrotic = (d < rng.uniform(0.35, 0.55)) & inside
+    out[necrotic] = nec_v + 0.5 * spread * texture[necrotic]
+    _write(vol, box, rim | core, out, profile)
+    return box
+
+
+def infarct(vol, fg, rng, profile):
+    """A hypointense irregular region that follows the tissue: its texture is kept but darkened (brain:
+    intensity x 0.35-0.6; abdomen: -35 to -60 HU in soft tissue only), with a soft boundary."""
+    n = min(vol.shape)
+    r = rng.uniform(0.06, 0.13) * n
+    radii = r * rng.uniform(0.6, 1.4, size=3)
+    centre = _pick_centre(fg, rng, r)
+    box = _box(centre, (1.3 * max(radii) + 2,) * 3, vol.shape)
+    d = _radius_field(box, centre, radii, rng, roughness=0.3)
+    weight = np.clip((1.0 - d) / 0.25, 0.0, 1.0)  # soft edge over the outer quarter of the radius
+    base = vol[box].astype(np.float32)
+    tissue = profile["tissue"]
+    if isinstance(tissue, tuple):
+        region = fg[box] & (base > tissue[0]) & (base < tissue[1]) & (weight > 0)
+        out = base + weight * _uniform(rng, profile["infarct"])
+    else:
+        region = fg[box] & (base > tissue) & (weight > 0)
+        out = base * (1.0 - weight * (1.0 - _uniform(rng, profile["infarct"])))
+    _write(vol, box, region, out, profile)
+    return box
+
+
+def spots(vol, fg, rng, profile):
+    """A small cluster of 4 to 12 bright spots (radius 1 to ~1.5 % of the side) inside the foreground."""
+    n = min(vol.shape)
+    cluster = max(0.05 * n, 3.0)
+    centre = _pick_centre(fg, rng, cluster)
+    rmax = max(1.0, 0.015 * n)
+    box = _box(centre, (cluster + rmax + 1,) * 3, vol.shape)
+    grids = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij", sparse=True)
+    region = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+    values = np.zeros(region.shape, dtype=np.float32)
+    for _ in range(int(rng.integers(4, 13))):
+        c = np.asarray(centre) + rng.uniform(-cluster, cluster, size=3)
+        rad = rng.uniform(0.8, rmax)
+        blob = sum((g - ci) ** 2 for g, ci in zip(grids, c)) <= rad**2
+        blob |= sum((g - round(ci)) ** 2 for g, ci in zip(grids, c)) == 0  # at least the nearest voxel
+        values[blob] = _uniform(rng, profile["spot"])
+        region |= blob
+    region &= fg[box]
+    _write(vol, box, region, values, profile)
+    return box
+
+
+def foreign_object(vol, fg, rng, profile):
+    """A sharp-edged uniform sphere or (rotated) cube of an unusual intensity (brain: one flat value in
+    [0.4, 1] without texture or noise; abdomen: metal, 2000-3000 HU), inside the foreground."""
+    n = min(vol.shape)
+    r = max(rng.uniform(0.025, 0.06) * n, 1.5)
+    centre = _pick_centre(fg, rng, r)
+    box = _box(centre, (1.8 * r + 1,) * 3, vol.shape)
+    offsets = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) - c for s, c in zip(box, centre)],
+                          indexing="ij", sparse=True)
+    if rng.uniform() < 0.5:
+        region = sum(o**2 for o in offsets) <= r**2
+    else:
+        rot = _rotation(rng)
+        region = np.ones(tuple(s.stop - s.start for s in box), dtype=bool)
+        for i in range(3):
+            region &= np.abs(sum(rot[i, j] * offsets[j] for j in range(3))) <= r
+    region = region & fg[box]
+    _write(vol, box, region, _uniform(rng, profile["foreign"]), profile)
+    return box
+
+
+def noise_patch(vol, fg, rng, profile):
+    """A box (inside the foreground) replaced by strong random noise (brain: uniform in [0, 1]; abdomen:
+    Gaussian, 40 +- 350 HU)."""
+    n = min(vol.shape)
+    half = rng.uniform(0.04, 0.1, size=3) * n
+    centre = _pick_centre(fg, rng, float(half.max()))
+    box = _box(centre, np.maximum(half, 1.0), vol.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    if profile["noise"] == "uniform":
+        values = rng.uniform(profile["min"], profile["max"], size=shape).astype(np.float32)
+    else:
+        mean, sd = profile["noise"]
+        values = (mean + sd * rng.standard_normal(shape)).astype(np.float32)
+    _write(vol, box, fg[box], values, profile)
+    return box
+
+
+def missing_slab(vol, fg, rng, profile):
+    """Signal dropout: a slab (3-8 % of the side thick, along a random axis, through the foreground) set to
+    the background value."""
+    axis = int(rng.integers(0, 3))
+    other = tuple(a for a in range(3) if a != axis)
+    idx = np.flatnonzero(fg.any(axis=other))
+    if idx.size == 0:
+        return (slice(0, 0),) * 3
+    span = idx[-1] - idx[0] + 1
+    thick = max(int(round(rng.uniform(0.03, 0.08) * vol.shape[axis])), 1)
+    start = int(idx[0] + rng.uniform(0.2, 0.8) * span - thick / 2)
+    start = min(max(start, 0), vol.shape[axis] - thick)
+    box = [slice(0, s) for s in vol.shape]
+    box[axis] = slice(start, start + thick)
+    box = tuple(box)
+    _write(vol, box, fg[box], profile["background"], profile)
+    return box
+
+
+ANOMALY_KINDS: dict[str, Callable] = {
+    "tumour": tumour, "infarct": infarct, "spots": spots,
+    "foreign_object": foreign_object, "noise_patch": noise_patch, "missing_slab": missing_slab,
+}
+
+
+def apply_anomaly(kind: str, volume: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
+                  dataset: str) -> tuple[np.ndarray, dict]:
+    """A copy of ``volume`` with one anomaly of ``kind``, and ``{"kind", "bbox"}`` (the bounding box
+    ``[[lo, hi), ...]`` of the voxels it changed, or None when nothing changed)."""
+    if kind not in ANOMALY_KINDS:
+        raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {sorted(ANOMALY_KINDS)}")
+    out = volume.copy()
+    box = ANOMALY_KINDS[kind](out, foreground, rng, PROFILE[dataset])
+    changed = out[box] != volume[box]
+    bbox = None
+    if changed.any():
+        bbox = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = np.flatnonzero(changed.any(axis=other))
+            bbox.append([int(box[axis].start + idx[0]), int(box[axis].start + idx[-1] + 1)])
+    return out, {"kind": kind, "bbox": bbox}
+
+
+# ------------------------------------------------------------------------------------------------ toy cases
+def _case_plan(index: int, seed: int) -> tuple[bool, list[str]]:
+    """Whether toy case ``index`` is anomalous and its kinds: in each pair of cases (2k, 2k+1) exactly one is
+    anomalous; the primary kind cycles through all kinds; a quarter of the anomalous cases get a second kind."""
+    pair = index // 2
+    rng = np.random.default_rng([int(seed), pair, 11])
+    anomalous = (index % 2) == int(rng.integers(0, 2))
+    kinds = list(ANOMALY_KINDS)
+    offset = int(np.random.default_rng([int(seed), 12]).integers(0, len(kinds)))
+    chosen = [kinds[(pair + offset) % len(kinds)]]
+    if rng.uniform() < 0.25:
+        chosen.append(kinds[int(rng.choice([i for i in range(len(kinds)) if kinds[i] != chosen[0]]))])
+    return anomalous, (chosen if anomalous else [])
+
+
+def toy_case(dataset: str, index: int, size: int, seed: int = 0):
+    """Toy case ``index``: ``(normal, anomalous, mask, info)``; ``mask`` is uint8 ``anomalous != normal``,
+    ``info`` holds ``label`` (0/1), ``kinds`` (["normal"] or anomaly kinds), ``bbox`` (of the mask, or None)
+    and ``anomalies`` (each kind's changed-voxel box). Deterministic in ``(dataset, index, size, seed)``."""
+    normal, fg = normal_scan(dataset, size, seed * 100_003 + TOY_OFFSET + index)
+    anomalous_flag, kinds = _case_plan(index, seed)
+    anomalous, anomalies = normal, []
+    rng = np.random.default_rng([int(seed), int(index), 13])
+    for kind in kinds:
+        for _ in range(5):  # retry in the (rare) case that an anomaly changed nothing
+            candidate, entry = apply_anomaly(kind, anomalous, fg, rng, dataset)
+            if entry["bbox"] is not None:
+                anomalous = candidate
+                anomalies.append(entry)
+                break
+    mask = (anomalous != normal).astype(np.uint8)
+    bbox = None
+    if mask.any():
+        bbox = []
+        for axis in range(3):
+            idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            bbox.append([int(idx[0]), int(idx[-1] + 1)])
+    label = int(bbox is not None)
+    info = {"label": label, "kinds": [a["kind"] for a in anomalies] if label else ["normal"], "bbox": bbox,
+            "anomalies": anomalies, "planned": anomalous_flag}
+    return normal, anomalous, mask, info
+
+
+def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: int = 10, size: int | None = None,
+                      seed: int = 0) -> dict:
+    """Write one dataset in the MOOD layout under ``root/<dataset>``; returns a summary dict with the folders,
+    file lists and the per-case anomaly info (also written to ``toy_label/anomalies.json``)."""
+    import nibabel as nib
+
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+    size = int(size or DEFAULT_SIZE[dataset])
+    base = Path(root) / dataset
+    train_dir, toy_dir = base / f"{dataset}_train", base / "toy"
+    pixel_dir, sample_dir = base / "toy_label" / "pixel", base / "toy_label" / "sample"
+    for d in (train_dir, toy_dir, pixel_dir, sample_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    affine = _affine(dataset, size)
+    train = []
+    for i in range(n_train):
+        vol, _ = normal_scan(dataset, size, seed * 100_003 + TRAIN_OFFSET + i)
+        path = train_dir / f"{i:05d}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, affine), path)
+        train.append(str(path))
+    cases = {}
+    for i in range(n_toy):
+        _, anomalous, mask, info = toy_case(dataset, i, size, seed)
+        name = f"toy_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(anomalous, affine), toy_dir / name)
+        nib.save(nib.Nifti1Image(mask, affine), pixel_dir / name)
+        (sample_dir / f"{name}.txt").write_text(f"{info['label']}\n")
+        info.pop("planned")
+        cases[name] = info
+        del anomalous, mask
+    meta = {"dataset": dataset, "size": size, "seed": seed, "spacing_mm": _spacing(dataset, size),
+            "kinds": list(ANOMALY_KINDS), "cases": cases}
+    (base / "toy_label" / "anomalies.json").write_text(json.dumps(meta, indent=1))
+    return {"root": str(base), "train": train, "toy": sorted(str(toy_dir / n) for n in cases), "cases": cases}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Write MOOD-layout toy data (normal training scans and toy "
+                                                 "test cases with labels); nothing is downloaded.")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--size", type=int, default=None, help="cube side (default: 256 brain, 512 abdomen)")
+    parser.add_argument("--train", type=int, default=20, help="normal training scans per dataset")
+    parser.add_argument("--toy", type=int, default=10, help="toy test cases per dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = {}
+    for dataset in args.datasets:
+        start = time.perf_counter()
+        out[dataset] = write_toy_dataset(args.output_dir, dataset, args.train, args.toy, args.size, args.seed)
+        n_anom = sum(c["label"] for c in out[dataset]["cases"].values())
+        print(f"{dataset}: {args.train} training scans, {args.toy} toy cases ({n_anom} anomalous) in "
+              f"{out[dataset]['root']} ({time.perf_counter() - start:.1f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
