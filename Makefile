@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle
 
-.PHONY: setup test lint demo preview bench bench-training bench-inference train infer evaluate normals verify clean
+.PHONY: setup test lint demo preview bench bench-training bench-inference train infer evaluate report normals verify clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -59,6 +59,12 @@ infer: setup
 # `make evaluate DATA=<MOOD-layout dataset folder> PRED=<predictions folder> [MODE=pixel|sample]`
 evaluate: setup
 	$(PY) -m scripts.evaluate --data_dir "$(DATA)" --pred_dir "$(PRED)" --mode $(MODE)
+
+# `make report IN=<MOOD-layout dataset folder> PRED=<predictions (pixel maps and/or .txt scores)> [OUT=report]`
+report: setup
+	@test -n "$(IN)" -a -n "$(PRED)" || (echo "usage: make report IN=<dataset folder> PRED=<predictions> [OUT=...]"; exit 2)
+	$(PY) -m scripts.report --data_dir "$(IN)" --pixel_dir "$(PRED)" --sample_dir "$(PRED)" \
+		--output_dir "$(if $(filter runs,$(OUT)),report,$(OUT))"
 
 bench-inference: setup
 	$(PY) bench/bench_inference.py
