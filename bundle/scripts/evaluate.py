@@ -48,7 +48,7 @@ import torch
 
 from scripts.metrics import average_precision_from_counts
 
-__all__ = ["MODES", "auroc_from_counts", "evaluate", "float16_bin_counts", "main", "write_report"]
+__all__ = ["MODES", "auroc_from_counts", "count_metrics", "evaluate", "float16_bin_counts", "main", "write_report"]
 
 MODES = ("pixel", "sample")
 # Bit pattern of float16 1.0; every float16 in [0, 1] has a bit pattern in [0, 0x3C00], ordered as its value.
@@ -112,7 +112,8 @@ def _nullable(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _metrics(positives: np.ndarray, negatives: np.ndarray) -> dict:
+def count_metrics(positives: np.ndarray, negatives: np.ndarray) -> dict:
+    """AP, AUROC and class counts from per-bin counts of positives and negatives (None where undefined)."""
     n_pos, n_neg = int(positives.sum()), int(negatives.sum())
     ap = None
     if n_pos > 0:
@@ -174,7 +175,7 @@ def _pixel_cases(label_files: list[Path], pred_dir: Path, result: dict) -> tuple
         del prediction, label
         positives += pos
         negatives += neg
-        case.update(_metrics(pos, neg))
+        case.update(count_metrics(pos, neg))
         case["nan_voxels"] = nans
         result["cases"].append(case)
     return positives, negatives
@@ -232,7 +233,7 @@ def evaluate(data_dir: str | os.PathLike, pred_dir: str | os.PathLike, mode: str
         positives, negatives = _sample_cases(label_files, pred_dir, result)
     cases = result.pop("cases")
     label_errors = result.pop("label_errors")
-    result.update(_metrics(positives, negatives))
+    result.update(count_metrics(positives, negatives))
     positive_case = (lambda c: c["n_positives"] > 0) if mode == "pixel" else (lambda c: c["label"] == 1)
     result.update(
         n_cases=len(cases),

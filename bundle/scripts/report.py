@@ -40,11 +40,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score  # noqa: E402
 
-from scripts.evaluate import F16_BINS, auroc_from_counts, evaluate, float16_bin_counts  # noqa: E402
-from scripts.metrics import average_precision_from_counts  # noqa: E402
+from scripts.evaluate import F16_BINS, count_metrics, evaluate, float16_bin_counts  # noqa: E402
 
 __all__ = ["DISPLAY_SIDE", "fmt_metric", "main", "pr_curve_from_counts", "write_report"]
 
@@ -58,17 +56,8 @@ def fmt_metric(value: float | None) -> str:
     return "\u2014" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def _finite(value) -> float | None:
+def _nullable(value) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _count_metrics(positives: np.ndarray, negatives: np.ndarray) -> dict:
-    n_pos = int(positives.sum())
-    ap = None
-    if n_pos > 0:
-        ap = average_precision_from_counts(torch.from_numpy(positives), torch.from_numpy(negatives))
-    return {"average_precision": _finite(ap), "auroc": _finite(auroc_from_counts(positives, negatives)),
-            "n_positives": n_pos, "n_negatives": int(negatives.sum())}
 
 
 def _score_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict:
@@ -239,7 +228,7 @@ def write_report(data_dir: str | os.PathLike, pixel_dir: str | os.PathLike | Non
             else:
                 pos, neg, _ = float16_bin_counts(prediction, label)
                 pixel_counts[name] = (pos, neg)
-                case["pixel"] = _count_metrics(pos, neg)
+                case["pixel"] = count_metrics(pos, neg)
         case["pixel_status"] = status
         if prediction is not None:
             point = np.unravel_index(int(np.argmax(prediction)), prediction.shape)
@@ -273,7 +262,7 @@ def write_report(data_dir: str | os.PathLike, pixel_dir: str | os.PathLike | Non
         if pixel_dir is not None:
             pos = sum(pixel_counts[n][0] for n in names)
             neg = sum(pixel_counts[n][1] for n in names)
-            row["pixel"] = _count_metrics(pos, neg)
+            row["pixel"] = count_metrics(pos, neg)
             if group == "overall":
                 pixel_curve = pr_curve_from_counts(pos, neg)
         if sample is not None:
