@@ -56,10 +56,6 @@ def fmt_metric(value: float | None) -> str:
     return "\u2014" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def _nullable(value) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def _score_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict:
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)
     ap = auroc = None
