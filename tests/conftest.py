@@ -42,3 +42,26 @@ def normal_scans(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("normals")
     return {name: write_normal_scans(root / name, name, count=10, size=36)[0].parent for name in ("brain", "abdom")}
+
+
+@pytest.fixture(scope="session")
+def default_models(tmp_path_factory):
+    """Two folds per dataset of the default network (random weights), recorded at a 32^3 working grid."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    models = tmp_path_factory.mktemp("models")
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle/configs/inference.yaml"))
+    for dataset in ("brain", "abdom"):
+        folder = models / dataset
+        folder.mkdir()
+        for fold in (0, 1):
+            torch.manual_seed(fold)
+            network = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+            torch.save(network.state_dict(), folder / f"fold_{fold}.pt")
+            (folder / f"fold_{fold}.json").write_text(json.dumps({"spatial_size": [32, 32, 32]}))
+    (models / "abdom" / "fingerprint.json").write_text(
+        json.dumps({"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}))
+    return models

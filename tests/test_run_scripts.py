@@ -3,7 +3,6 @@ predictions named after the inputs, nothing written outside the output folder.""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,30 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["run_pixel_brain.sh", "run_sample_brain.sh", "run_pixel_abdom.sh", "run_sample_abdom.sh"]
-
-
-@pytest.fixture(scope="module")
-def default_models(tmp_path_factory):
-    """Two folds per dataset of the default network (random weights), recorded at a 32^3 working grid."""
-    models = tmp_path_factory.mktemp("models")
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundle/configs/inference.yaml"))
-    for dataset in ("brain", "abdom"):
-        folder = models / dataset
-        folder.mkdir()
-        for fold in (0, 1):
-            torch.manual_seed(fold)
-            network = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-            torch.save(network.state_dict(), folder / f"fold_{fold}.pt")
-            (folder / f"fold_{fold}.json").write_text(json.dumps({"spatial_size": [32, 32, 32]}))
-    (models / "abdom" / "fingerprint.json").write_text(
-        json.dumps({"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}))
-    return models
 
 
 def git_status() -> str:
