@@ -55,19 +55,11 @@ def _inverse_laplacian_eigenvalues(shape: tuple[int, ...], dtype: torch.dtype, d
     return eig.reciprocal()
 
 
-def dst1(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Orthonormal N-D DST-I of ``x`` over ``dims`` (applying it twice returns ``x``)."""
-    for d in dims:
-        s = _sine_matrix(x.shape[d], x.dtype, str(x.device))
-        x = torch.movedim(torch.movedim(x, d, -1) @ s, -1, d)
-    return x
+def dst1(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal N-D DST-I over all axes of ``x`` but the first (channels); applying it twice returns ``x``.
 
-
-def _dst1_spatial(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DST-I over all axes of ``x`` but the first (channels), as plain 2-D matrix products.
-
-    Each step transforms the leading spatial axis and rotates it to the back, so after one step per axis
-    the axes are in order again; this avoids the batched copies of ``movedim(...) @ s``.
+    Each step is one plain 2-D matrix product: it transforms the leading spatial axis and rotates it to the
+    back, so after one step per axis the axes are in order again (no batched copies of ``movedim(...) @ s``).
     """
     channels, *spatial = x.shape
     for n in list(spatial):
@@ -160,7 +152,7 @@ def poisson_blend(
         rhs = divergence if rhs is None else rhs + divergence
 
     inverse_eig = _inverse_laplacian_eigenvalues(tuple(rhs.shape[1:]), work_dtype, str(t.device))
-    solution = _dst1_spatial(_dst1_spatial(rhs) * inverse_eig)
+    solution = dst1(dst1(rhs) * inverse_eig)
     interior = (every_channel, *((slice(1, -1),) * nd))
     solution = solution + t[interior]
     if not channel_first:
