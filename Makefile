@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle
 
-.PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify clean
+.PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -86,9 +86,31 @@ bench-inference: setup
 normals: setup
 	$(PY) -m scripts.phantoms --dataset $(DATASET) --output-dir $(OUT) --count 20
 
+# The model-zoo checks, as MONAI's CLI runs them, for both dataset configs: metadata against the official
+# schema (offline copy), network input/output against the metadata, TorchScript and ONNX export of fold 0.
+VERIFY_DIR := outputs/verify
+META := bundle/configs/metadata.json
+ONNX_KWARGS = $(shell PYTHONPATH=bundle $(PY) -c 'import scripts.export as e; print(e.ONNX_CONVERTER_KWARGS)')
+define verify_dataset
+	$(PY) -m monai.bundle verify_net_in_out network_def --meta_file $(META) \
+		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']" --n 2
+	$(PY) -m monai.bundle ckpt_export network_def --filepath $(VERIFY_DIR)/$(1)/fold_0.ts \
+		--ckpt_file bundle/models/$(1)/fold_0.pt --key_in_ckpt "" --meta_file $(META) \
+		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']"
+	$(PY) -m monai.bundle onnx_export network_def --filepath $(VERIFY_DIR)/$(1)/fold_0.onnx \
+		--ckpt_file bundle/models/$(1)/fold_0.pt --key_in_ckpt "" --meta_file $(META) \
+		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']" \
+		--use_trace True --input_shape "[1, 1, 64, 64, 64]" --converter_kwargs "$(ONNX_KWARGS)"
+
+endef
 verify: setup
-	$(PY) -m monai.bundle verify_metadata --meta_file bundle/configs/metadata.json \
-		--filepath tests/fixtures/meta_schema_20240725.json
+	$(PY) -m monai.bundle verify_metadata --meta_file $(META) --filepath tests/fixtures/meta_schema_20240725.json
+	mkdir -p $(VERIFY_DIR)/brain $(VERIFY_DIR)/abdom
+	$(foreach d,brain abdom,$(call verify_dataset,$(d)))
+# `make export [MODELS=bundle/models]`: fold_<k>.ts and fold_<k>.onnx next to every fold_<k>.pt, each checked
+# against its state dict (export.json); inference then runs from them with `--model_format torchscript|onnx`.
+export: setup
+	$(PY) -m scripts.export --models_dir $(or $(MODELS),bundle/models)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
