@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle
 
-.PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export clean
+.PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(VENV)/bin/ruff check bundle tests bench
+	$(VENV)/bin/ruff check bundle tests bench deploy
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check bundle tests bench
+	$(VENV)/bin/ruff check bundle tests bench deploy
 
 # The main job on an embedded default: a toy MOOD set scored by the four run scripts with the shipped
 # weights, evaluated, and reported (the last line printed is `report: <path>`).
@@ -111,6 +111,35 @@ verify: setup
 # against its state dict (export.json); inference then runs from them with `--model_format torchscript|onnx`.
 export: setup
 	$(PY) -m scripts.export --models_dir $(or $(MODELS),bundle/models)
+
+# The MONAI Deploy application (deploy/) in its own virtual environment: the SDK pins protobuf and ml-dtypes
+# below what onnx needs in the main one.
+DEPLOY_VENV := .deploy-venv
+DEPLOY_PY := $(DEPLOY_VENV)/bin/python
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+deploy-setup: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): deploy/requirements.txt
+	test -x $(DEPLOY_PY) || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_PY) -m pip install --quiet torch==2.13.0
+	$(DEPLOY_PY) -m pip install --quiet -r deploy/requirements.txt
+	touch $(DEPLOY_STAMP)
+
+# Runs the app on tiny toy folders (both datasets, a bad scan, ONNX exports) and checks that its outputs equal the
+# bundle inference's.
+deploy-test: setup deploy-setup
+	MOOD_DEPLOY_PYTHON=$(CURDIR)/$(DEPLOY_PY) $(PY) -m pytest -q tests/test_deploy.py
+
+# `make deploy-run IN=<scans> OUT=<folder> [MODELS=bundle/models] [DATASET=brain|abdom]`: the app, locally.
+deploy-run: deploy-setup
+	@test -n "$(IN)" -a "$(OUT)" != runs || (echo "usage: make deploy-run IN=<folder of scans> OUT=<folder> [MODELS=bundle/models] [DATASET=brain|abdom]"; exit 2)
+	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
+
+# The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
+MAP_TAG ?= mood-anomaly:0.4.0
+deploy-package: deploy-setup
+	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
+		--add bundle -m bundle/models
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

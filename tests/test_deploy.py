@@ -1,0 +1,114 @@
+"""The MONAI Deploy application (deploy/app.py) run in its own environment gives exactly the bundle inference's
+outputs: the same pixel maps and sample scores, bad scans included, for both datasets and for exported models.
+
+Needs the app's virtual environment (the SDK's pins differ from the main one): `make deploy-test` creates it and
+runs this file with MOOD_DEPLOY_PYTHON set; plain `make test` skips it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scripts.export import export_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_PYTHON = os.environ.get("MOOD_DEPLOY_PYTHON")
+
+pytestmark = pytest.mark.skipif(
+    not DEPLOY_PYTHON, reason="needs the MONAI Deploy environment: run `make deploy-test`")
+
+
+def run_app(input_path: Path, output_dir: Path, models: Path, check: bool = True, **env: str):
+    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MOOD_DATASET")}
+    environment.update(env)
+    result = subprocess.run([DEPLOY_PYTHON, str(ROOT / "deploy/app.py"), "-i", str(input_path), "-o", str(output_dir),
+                             "-m", str(models)], cwd=output_dir.parent, env=environment, capture_output=True,
+                            text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, models_dir: Path, model_format: str):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file",
+               repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]), "--input_dir", str(input_dir),
+               "--output_dir", str(output_dir), "--mode", mode, "--models_dir", str(models_dir),
+               "--model_format", model_format]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def toy_folder(normal_scans, dataset: str, folder: Path) -> Path:
+    """Three tiny scans of ``dataset`` and one corrupt file."""
+    folder.mkdir(parents=True)
+    for path in sorted(normal_scans[dataset].glob("*.nii.gz"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "corrupt.nii.gz").write_bytes(b"not a NIfTI file")
+    return folder
+
+
+def assert_same_outputs(app_out: Path, pixel_dir: Path, sample_dir: Path) -> None:
+    maps = sorted(p.name for p in pixel_dir.iterdir())
+    assert sorted(p.name for p in (app_out / "pixel").iterdir()) == maps and len(maps) == 3
+    for name in maps:
+        expected = np.asanyarray(nib.load(pixel_dir / name).dataobj)
+        written = nib.load(app_out / "pixel" / name)
+        assert written.get_data_dtype() == np.float32  # the float map survives (no uint8 cast)
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected)
+        assert np.allclose(written.affine, nib.load(pixel_dir / name).affine)
+    scores = sorted(p.name for p in sample_dir.iterdir())
+    assert sorted(p.name for p in (app_out / "sample").iterdir()) == scores and len(scores) == 4
+    for name in scores:
+        assert (app_out / "sample" / name).read_text() == (sample_dir / name).read_text()
+    assert (sample_dir / "corrupt.nii.gz.txt").read_text().strip() == "1.000000"  # the fallback score
+
+
+@pytest.mark.parametrize("dataset", ["brain", "abdom"])
+def test_app_outputs_equal_bundle_inference_with_the_shipped_models(dataset, normal_scans, tmp_path):
+    inputs = toy_folder(normal_scans, dataset, tmp_path / "in")
+    models = ROOT / "bundle/models"
+    if dataset == "brain":  # the models folder, dataset chosen by MOOD_DATASET
+        result = run_app(inputs, tmp_path / "app", models, MOOD_DATASET="brain")
+    else:  # one dataset's folder: the dataset is its name
+        result = run_app(inputs, tmp_path / "app", models / dataset)
+    assert "summary: 3 done, 1 failed" in result.stdout
+    for mode in ("pixel", "sample"):
+        run_bundle(dataset, inputs, tmp_path / mode, mode, models, "pytorch")
+    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+
+
+def test_app_runs_exported_onnx_models_like_the_bundle(normal_scans, default_models, tmp_path):
+    models = Path(shutil.copytree(default_models, tmp_path / "models"))
+    export_dataset(models, "brain", formats=["onnx"], bundle_root=ROOT / "bundle")
+    inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
+    run_app(inputs, tmp_path / "app", models / "brain", MOOD_MODEL_FORMAT="onnx")
+    for mode in ("pixel", "sample"):
+        run_bundle("brain", inputs, tmp_path / mode, mode, models, "onnx")
+    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+
+
+def test_app_takes_a_single_scan_and_reports_bad_settings_clearly(normal_scans, tmp_path):
+    scan = sorted(normal_scans["brain"].glob("*.nii.gz"))[0]
+    models = ROOT / "bundle/models"
+    run_app(scan, tmp_path / "one", models)
+    assert [p.name for p in (tmp_path / "one" / "pixel").iterdir()] == [scan.name]
+    assert [p.name for p in (tmp_path / "one" / "sample").iterdir()] == [f"{scan.name}.txt"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_app(empty, tmp_path / "out", models, check=False)
+    assert result.returncode != 0 and "holds no *.nii.gz or *.nii scans" in result.stderr
+    result = run_app(scan, tmp_path / "out", models, check=False, MOOD_DATASET="knee")
+    assert result.returncode != 0 and "dataset must be one of" in result.stderr
+    result = run_app(scan, tmp_path / "out", models / "abdom", check=False, MOOD_DATASET="brain")
+    assert result.returncode != 0 and "holds 'abdom' models, not 'brain'" in result.stderr
