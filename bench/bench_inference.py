@@ -3,7 +3,7 @@
 Run from the repository root::
 
     PYTHONPATH=bundle .venv/bin/python bench/bench_inference.py [--cases 3] [--datasets brain abdom]
-        [--mode pixel] [--folds 5] [--json PATH]
+        [--mode pixel] [--folds 5] [--model_formats pytorch onnx torchscript] [--json PATH]
 
 Writes MOOD-sized toy cases (brain 256^3 float32 from the MNI152 phantom, abdomen 512^3 int16 CT phantom),
 an ensemble of ``--folds`` default networks (random weights: the timing does not depend on them), runs
@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from scripts.export import export_dataset  # noqa: E402
 from scripts.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
 
 SIZES = {"brain": 256, "abdom": 512}
@@ -84,19 +84,24 @@ def io_seconds(path: Path, out_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_inference(dataset: str, cases: Path, out: Path, models: Path, mode: str) -> tuple[list[float], float]:
+def run_inference(dataset: str, cases: Path, out: Path, models: Path, mode: str,
+                  model_format: str = "pytorch") -> tuple[list[float], float]:
+    """Seconds per case from the progress lines and the child's own peak resident memory (GB)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "inference",
                "--meta_file", "bundle/configs/metadata.json", "--bundle_root", "bundle",
                "--config_file", repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]),
-               "--input_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models)]
+               "--input_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models),
+               "--model_format", model_format]
     env = dict(os.environ, PYTHONPATH=str(REPO / "bundle"))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr[-3000:])
-    seconds = [float(m) for m in re.findall(r"^\[\d+/\d+\] .*?: ([\d.]+) s", result.stdout, re.M)]
-    # the largest resident set of any finished child so far (Linux: kilobytes); the datasets run in order of size
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, peak_kb / 1024 / 1024
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (Linux: ru_maxrss in kilobytes)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        if child.returncode != 0:
+            raise RuntimeError(stderr.read()[-3000:])
+        seconds = [float(m) for m in re.findall(r"^\[\d+/\d+\] .*?: ([\d.]+) s", stdout.read(), re.M)]
+    return seconds, usage.ru_maxrss / 1024 / 1024
 
 
 def main(argv=None) -> dict:
@@ -105,25 +110,33 @@ def main(argv=None) -> dict:
     cli.add_argument("--datasets", nargs="+", default=["brain", "abdom"])
     cli.add_argument("--mode", default="pixel", choices=("pixel", "sample"))
     cli.add_argument("--folds", type=int, default=5)
+    cli.add_argument("--model_formats", nargs="+", default=["pytorch"], choices=("pytorch", "torchscript", "onnx"),
+                     help="run the ensemble from the state dicts and/or their exports (made here by scripts.export)")
     cli.add_argument("--json", default=str(REPO / "bench/results/inference.json"))
     args = cli.parse_args(argv)
     result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "cpus": os.cpu_count(), "folds": args.folds, "mode": args.mode, "datasets": {}}
+              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "folds": args.folds, "mode": args.mode,
+              "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for dataset in args.datasets:
             cases = write_cases(work / dataset / "cases", dataset, args.cases)
             write_models(work / "models", dataset, args.folds)
-            seconds, peak_gb = run_inference(dataset, cases[0].parent, work / dataset / "out", work / "models",
-                                             args.mode)
+            exports = [f for f in args.model_formats if f != "pytorch"]
+            if exports:
+                export_dataset(work / "models", dataset, exports, bundle_root=REPO / "bundle")
             io = [io_seconds(p, work / dataset) for p in cases]
-            result["datasets"][dataset] = {
-                "shape": list(nib.load(cases[0]).shape), "cases": len(seconds),
-                "median_seconds_per_case": statistics.median(seconds), "seconds_per_case": seconds,
-                "peak_memory_gb": round(peak_gb, 2), "median_io_seconds": statistics.median(io),
-                "ratio_to_io": statistics.median(seconds) / statistics.median(io),
-            }
+            result["datasets"][dataset] = {"shape": list(nib.load(cases[0]).shape),
+                                           "median_io_seconds": statistics.median(io)}
+            for model_format in args.model_formats:
+                seconds, peak_gb = run_inference(dataset, cases[0].parent, work / dataset / model_format,
+                                                 work / "models", args.mode, model_format)
+                result["datasets"][dataset][model_format] = {
+                    "cases": len(seconds), "median_seconds_per_case": statistics.median(seconds),
+                    "seconds_per_case": seconds, "peak_memory_gb": round(peak_gb, 2),
+                    "ratio_to_io": statistics.median(seconds) / statistics.median(io),
+                }
             shutil.rmtree(work / dataset)
             print(json.dumps({dataset: result["datasets"][dataset]}, indent=1), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
