@@ -99,8 +99,22 @@ def test_export_dataset_writes_every_fold_and_records_the_differences(models):
         export_dataset(models, "abdom", formats=["onnx"], bundle_root=ROOT / "bundle", tolerance=-1.0)
 
 
-def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reported(models, caplog, tmp_path):
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reported(models, tmp_path, monkeypatch):
     models = Path(shutil.copytree(models, tmp_path / "models"))  # this test makes an export stale
+    # listen on the module's logger itself: earlier tests may have reconfigured logging (MONAI's logging.conf)
+    inference_logger, warnings = logging.getLogger("scripts.inference"), Collect()
+    monkeypatch.setattr(inference_logger, "disabled", False)
+    monkeypatch.setattr(inference_logger, "level", logging.NOTSET)
+    inference_logger.addHandler(warnings)
     network_def = reference_network("brain", models / "brain/fold_0.pt")
     x = probe_volume([32, 32, 32])
     with torch.no_grad():
@@ -112,9 +126,11 @@ def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reporte
 
     state_dict = models / "brain/fold_1.pt"
     os.utime(state_dict, (state_dict.stat().st_atime, state_dict.stat().st_mtime + 60))  # retrained after export
-    with caplog.at_level(logging.WARNING):
+    try:
         load_ensemble(network_def, models, "brain", "cpu", "torchscript")
-    assert "fold_1.ts is older than fold_1.pt" in caplog.text
+    finally:
+        inference_logger.removeHandler(warnings)
+    assert any("fold_1.ts is older than fold_1.pt" in m for m in warnings.messages), warnings.messages
 
     shutil.rmtree(models / "abdom")
     shutil.copytree(models / "brain", models / "abdom", ignore=shutil.ignore_patterns("*.onnx"))
