@@ -22,8 +22,8 @@ def configs(dataset: str, *extra: str) -> str:
     return repr([f"bundle/configs/{name}" for name in ("train.yaml", f"{dataset}.yaml", *extra)])
 
 
-def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+def run(args: list[str], launcher: list[str] | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"), **env_vars)
     command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", "training",
                                                       "--meta_file", "bundle/configs/metadata.json",
                                                       "--bundle_root", "bundle", *args]
@@ -114,7 +114,7 @@ def test_two_process_ddp_on_cpu(normal_scans, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m"]
     run(["--config_file", configs("brain", "multi_gpu_train.yaml"), "--dataset_dir", str(normal_scans["brain"]),
          "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--fold", "1", "--max_epochs", "2",
-         *TINY], launcher=torchrun)
+         *TINY], launcher=torchrun, CUDA_VISIBLE_DEVICES="")  # CPU and gloo even on a one-GPU machine
     records = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in records] == [0, 1, 2]  # written once, by rank 0
     tiny_network().load_state_dict(torch.load(out / "models" / "brain" / "fold_1.pt", weights_only=True))
