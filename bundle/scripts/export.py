@@ -9,8 +9,9 @@ For each ``models_dir/<dataset>/fold_<k>.pt`` (plain state dict) this runs ``mon
         --config_file "['bundle/configs/inference.yaml','bundle/configs/brain.yaml']"
 
 then runs the state dict and both exports on the same probe volume at the models' working grid and records the
-largest absolute difference of the logits in ``models_dir/<dataset>/export.json``. A difference above the
-tolerance (1e-4) is an error. Inference uses the exports with ``--model_format torchscript`` or ``onnx``.
+largest absolute difference of the anomaly maps (the sigmoid of the logits, what inference averages) and of the
+logits in ``models_dir/<dataset>/export.json``. A map difference above the tolerance (1e-4) is an error.
+Inference uses the exports with ``--model_format torchscript`` or ``onnx``.
 
     python -m scripts.export --models_dir bundle/models [--datasets brain abdom] [--formats torchscript onnx]
 """
@@ -94,9 +95,9 @@ def _run_export(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
 
 def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] = EXPORT_FORMATS,
                    bundle_root: str | Path = "bundle", tolerance: float = TOLERANCE) -> dict:
-    """Export every fold of ``models_dir/<dataset>`` and compare each export with its state dict on
-    :func:`probe_volume`; writes and returns the record (``export.json``). Raises ValueError when an export
-    differs from the state dict by more than ``tolerance``."""
+    """Export every fold of ``models_dir/<dataset>`` and compare each export's anomaly map with its state dict's
+    on :func:`probe_volume`; writes and returns the record (``export.json``). Raises ValueError when a map
+    differs by more than ``tolerance``."""
     configs = config_files(bundle_root, dataset)
     meta_file = Path(bundle_root) / "configs" / "metadata.json"
     parser = ConfigParser()
@@ -114,8 +115,10 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
             reference = network.eval()(x)
         fold = {}
         for fmt, path in written.items():
-            diff = float((_run_export(fmt, path, x) - reference).abs().max())
-            fold[fmt] = {"file": path.name, "max_abs_diff": diff}
+            logits = _run_export(fmt, path, x)
+            fold[fmt] = {"file": path.name,
+                         "max_abs_diff": float((torch.sigmoid(logits) - torch.sigmoid(reference)).abs().max()),
+                         "max_abs_logit_diff": float((logits - reference).abs().max())}
         record["folds"][state_dict.stem] = fold
         logger.info("%s/%s exported in %.1f s: %s", dataset, state_dict.stem, time.perf_counter() - t0,
                     {fmt: f"{v['max_abs_diff']:.2e}" for fmt, v in fold.items()})
