@@ -29,7 +29,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -49,6 +48,7 @@ if str(REPO / "bundle") not in sys.path:
 
 from scripts import phantoms  # noqa: E402
 from scripts.anomalies import TASKS, poisson_blend, synthesize  # noqa: E402
+from scripts.data import save_json  # noqa: E402
 
 SIZE = 128
 BOX = 64
@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.perf_counter() - start
     print(report(results))
     print(f"\nwall time {meta['wall_s']:.1f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    save_json(results, args.json)
     print(f"wrote {args.json}")
     return 0
 

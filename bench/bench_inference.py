@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from scripts.data import save_json  # noqa: E402
 from scripts.export import export_dataset  # noqa: E402
 from scripts.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
 
@@ -139,8 +140,7 @@ def main(argv=None) -> dict:
                 }
             shutil.rmtree(work / dataset)
             print(json.dumps({dataset: result["datasets"][dataset]}, indent=1), flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(result, args.json)
     return result
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from scripts.data import save_json  # noqa: E402
 from scripts.phantoms import write_normal_scans  # noqa: E402
 
 
@@ -108,8 +109,7 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         result["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(result, indent=1))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(result, args.json)
     return result
 
 

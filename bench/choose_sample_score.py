@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from scripts.data import save_json  # noqa: E402
 from scripts.metrics import sample_score  # noqa: E402
 
 
@@ -96,8 +97,7 @@ def main(argv=None) -> dict:
               "anomalous": int(sum(labels)),
               "sample_ap": {name: float(average_precision_score(labels, s)) for name, s in scores.items()}}
     print(json.dumps(result, indent=1))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(result, args.json)
     return result
 
 

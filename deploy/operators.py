@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
 DATASETS = ("brain", "abdom")
-MODEL_FORMATS = ("pytorch", "torchscript", "onnx")
 
 
 def find_bundle_root(bundle_root: str | Path | None = None) -> Path:
@@ -72,8 +71,10 @@ class BundleInference:
 
     def __init__(self, bundle_root: Path, dataset: str, models_dir: Path, input_dir: Path, output_dir: Path,
                  model_format: str = "pytorch") -> None:
-        if model_format not in MODEL_FORMATS:
-            raise ValueError(f"model format must be one of {MODEL_FORMATS} (MOOD_MODEL_FORMAT), got {model_format!r}")
+        from scripts.inference import MODEL_SUFFIXES  # importable once the bundle root is known
+
+        if model_format not in MODEL_SUFFIXES:
+            raise ValueError(f"MOOD_MODEL_FORMAT must be one of {sorted(MODEL_SUFFIXES)}, got {model_format!r}")
         configs = bundle_root / "configs"
         self.parser = ConfigParser()
         self.parser.read_meta(str(configs / "metadata.json"))

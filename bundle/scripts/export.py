@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
-# The TorchScript-based ONNX exporter (dynamo=False): five times faster than the dynamo one for this network and
-# it needs no onnxscript. Batch and spatial axes stay dynamic, so one file serves any working grid.
+# The TorchScript-based ONNX exporter (dynamo=False): the dynamo one would add onnxscript to the pinned
+# dependencies. Batch and spatial axes stay dynamic, so one file serves any working grid.
 _DYNAMIC = {0: "batch", 2: "x", 3: "y", 4: "z"}
 ONNX_CONVERTER_KWARGS = {
     "dynamo": False,
