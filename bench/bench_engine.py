@@ -48,7 +48,7 @@ if str(REPO / "bundle") not in sys.path:
 
 from scripts import phantoms  # noqa: E402
 from scripts.anomalies import TASKS, poisson_blend, synthesize  # noqa: E402
-from scripts.data import save_json  # noqa: E402
+from scripts.files import save_json  # noqa: E402
 
 SIZE = 128
 BOX = 64

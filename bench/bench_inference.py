@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.data import save_json  # noqa: E402
 from scripts.export import export_dataset  # noqa: E402
+from scripts.files import save_json  # noqa: E402
 from scripts.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
 
 SIZES = {"brain": 256, "abdom": 512}

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.data import save_json  # noqa: E402
+from scripts.files import save_json  # noqa: E402
 from scripts.phantoms import write_normal_scans  # noqa: E402
 
 

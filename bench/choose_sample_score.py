@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.data import save_json  # noqa: E402
+from scripts.files import save_json  # noqa: E402
 from scripts.metrics import sample_score  # noqa: E402
 
 

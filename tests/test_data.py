@@ -161,7 +161,7 @@ def test_fingerprint_normalisation_is_the_same_for_hounsfield_and_rescaled_ct():
 
 
 def test_fingerprint_written_and_read_back(tmp_path):
-    from scripts.data import save_json
+    from scripts.files import save_json
 
     fingerprint = compute_fingerprint(preprocessed(3))
     path = save_json(fingerprint, tmp_path / "fingerprint.json")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -25,11 +24,11 @@ from monai.data import MetaTensor
 from monai.transforms import Randomizable
 
 from scripts.anomalies import TASK_NEEDS
+from scripts.files import is_scan
 from scripts.transforms import RandSyntheticAnomalyd
 
 __all__ = [
     "NUM_FOLDS",
-    "SCAN_SUFFIXES",
     "CrossValidationSplit",
     "SyntheticAnomalyDataset",
     "assign_folds",
@@ -38,12 +37,10 @@ __all__ = [
     "default_tasks",
     "list_scans",
     "model_folds",
-    "save_json",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCAN_SUFFIXES = (".nii.gz", ".nii")
 NUM_FOLDS = 5
 # Task i is paired with data fold i. Index 1 is the inter-dataset blend, replaced by FPI without a foreign set.
 PAPER_TASKS = ("poisson_intra", "poisson_inter", "sink", "source", "smooth_intensity")
@@ -59,7 +56,7 @@ def list_scans(folder: str | Path, check_headers: bool = True) -> list[str]:
         entries = list(folder.iterdir())
     except OSError as err:
         raise OSError(f"cannot read dataset folder {str(folder)!r}: {err}") from err
-    scans = sorted(str(p) for p in entries if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
+    scans = sorted(str(p) for p in entries if p.is_file() and is_scan(p))
     if not scans:
         raise ValueError(f"dataset folder {str(folder)!r} holds no *.nii.gz or *.nii scans")
     if check_headers:
@@ -211,14 +208,6 @@ def compute_fingerprint(
         "num_scans": len(samples),
     }
 
-
-def save_json(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(obj, "__dataclass_fields__"):
-        obj = asdict(obj)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
 
 
 class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):

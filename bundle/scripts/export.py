@@ -30,7 +30,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
-from scripts.data import save_json
+from scripts.files import save_json
 from scripts.inference import MODEL_SUFFIXES, OnnxNetwork, model_files, trained_setting
 
 __all__ = ["EXPORT_FORMATS", "ONNX_CONVERTER_KWARGS", "export_dataset", "export_fold", "probe_volume"]

@@ -21,7 +21,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import MapTransform
 
-from scripts.data import SCAN_SUFFIXES
+from scripts.files import SCAN_SUFFIXES
 from scripts.metrics import sample_score
 
 __all__ = [

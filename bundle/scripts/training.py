@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from scripts.data import CrossValidationSplit, model_folds, save_json
+from scripts.data import CrossValidationSplit, model_folds
+from scripts.files import save_json
 
 __all__ = [
     "cache_folder", "cached_scans", "check_output_dir", "save_fold_result", "save_training_settings", "train_folds"
