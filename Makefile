@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR)/bundle
+export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 
 .PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
@@ -12,6 +12,8 @@ export PYTHONPATH := $(CURDIR)/bundle
 DATASET ?= brain
 OUT ?= runs
 T ?= 1
+# the inference workflow's configs for a dataset: the shared part, the workflow, the dataset overlay
+inference_configs = ['bundle/configs/common.yaml','bundle/configs/inference.yaml','bundle/configs/$(1).yaml']
 
 setup: $(STAMP)
 
@@ -23,16 +25,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(VENV)/bin/ruff check bundle tests bench deploy
+	$(VENV)/bin/ruff check bundle tests bench deploy tools
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check bundle tests bench deploy
+	$(VENV)/bin/ruff check bundle tests bench deploy tools
 
 # The main job on an embedded default: a toy MOOD set scored by the four run scripts with the shipped
 # weights, evaluated, and reported (the last line printed is `report: <path>`).
 demo: setup
-	$(PY) -m scripts.demo --output-dir outputs/demo
+	$(PY) -m tools.demo --output_dir outputs/demo
 
 # Train default weights from scratch on toy normals and install them into bundle/models.
 # `make demo-train GPU=1`: the recipe of the shipped weights (128^3 grid, 40 normals, the 122-epoch schedule the
@@ -48,7 +50,7 @@ DEMO_TRAIN_ARGS = --spatial_size '[64,64,64]' --network_base_filters 8 --max_epo
 	--num_workers 1 --seed 0 --cache_dir outputs/demo-train/cache
 endif
 demo-train: setup
-	$(PY) -m scripts.toy_data --output-dir outputs/demo-train/data --size 128 --train $(DEMO_TRAIN_NORMALS) --toy 2 --seed 0
+	$(PY) -m tools.toy_data --output_dir outputs/demo-train/data --size 128 --train $(DEMO_TRAIN_NORMALS) --toy 2 --seed 0
 	$(MAKE) train DATA=outputs/demo-train/data/brain/brain_train DATASET=brain OUT=outputs/demo-train \
 		FOREIGN=outputs/demo-train/data/abdom/abdom_train ARGS="$(DEMO_TRAIN_ARGS)"
 	$(MAKE) train DATA=outputs/demo-train/data/abdom/abdom_train DATASET=abdom OUT=outputs/demo-train \
@@ -56,7 +58,7 @@ demo-train: setup
 	for d in brain abdom; do mkdir -p bundle/models/$$d && cp outputs/demo-train/models/$$d/* bundle/models/$$d/; done
 
 preview: setup
-	$(PY) -m scripts.preview --output-dir bundle/docs/images
+	$(PY) -m tools.preview --output_dir bundle/docs/images
 
 bench: setup
 	$(PY) bench/bench_engine.py
@@ -66,7 +68,7 @@ bench-training: setup
 
 train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
-	$(PY) -m scripts.training --config_file bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
+	$(PY) -m scripts.training --config_file bundle/configs/common.yaml bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
 		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
 
@@ -74,9 +76,9 @@ train: setup
 MODE ?= pixel
 infer: setup
 	@test -n "$(IN)" || (echo "usage: make infer IN=<folder of scans> OUT=<folder> [DATASET=brain|abdom] [MODE=pixel|sample]"; exit 2)
-	$(PY) -m monai.bundle run inference --meta_file bundle/configs/metadata.json --bundle_root bundle \
-		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(DATASET).yaml']" \
-		--input_dir "$(IN)" --output_dir "$(OUT)" --mode $(MODE) $(if $(MODELS),--models_dir "$(MODELS)")
+	$(PY) -m monai.bundle run --meta_file bundle/configs/metadata.json --bundle_root bundle \
+		--config_file "$(call inference_configs,$(DATASET))" \
+		--dataset_dir "$(IN)" --output_dir "$(OUT)" --mode $(MODE) $(if $(MODELS),--models_dir "$(MODELS)")
 
 # `make evaluate DATA=<MOOD-layout dataset folder> PRED=<predictions folder> [MODE=pixel|sample]`
 evaluate: setup
@@ -85,7 +87,7 @@ evaluate: setup
 # `make report IN=<MOOD-layout dataset folder> PRED=<predictions (pixel maps and/or .txt scores)> [OUT=report]`
 report: setup
 	@test -n "$(IN)" -a -n "$(PRED)" || (echo "usage: make report IN=<dataset folder> PRED=<predictions> [OUT=...]"; exit 2)
-	$(PY) -m scripts.report --data_dir "$(IN)" --pixel_dir "$(PRED)" --sample_dir "$(PRED)" \
+	$(PY) -m tools.report --data_dir "$(IN)" --pixel_dir "$(PRED)" --sample_dir "$(PRED)" \
 		--output_dir "$(if $(filter runs,$(OUT)),report,$(OUT))"
 
 bench-inference: setup
@@ -93,7 +95,7 @@ bench-inference: setup
 
 # toy normal scans for trying training without MOOD data: `make normals DATASET=brain OUT=data/normals`
 normals: setup
-	$(PY) -m scripts.phantoms --dataset $(DATASET) --output-dir $(OUT) --count 20
+	$(PY) -m tools.phantoms --dataset $(DATASET) --output_dir $(OUT) --count 20
 
 # The model-zoo checks, as MONAI's CLI runs them, for both dataset configs: metadata against the official
 # schema (offline copy), network input/output against the metadata, TorchScript and ONNX export of fold 0.
@@ -102,13 +104,13 @@ META := bundle/configs/metadata.json
 ONNX_KWARGS = $(shell PYTHONPATH=bundle $(PY) -c 'import scripts.export as e; print(e.ONNX_CONVERTER_KWARGS)')
 define verify_dataset
 	$(PY) -m monai.bundle verify_net_in_out network_def --meta_file $(META) \
-		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']" --n 2
+		--config_file "$(call inference_configs,$(1))" --bundle_root bundle --n 2
 	$(PY) -m monai.bundle ckpt_export network_def --filepath $(VERIFY_DIR)/$(1)/fold_0.ts \
 		--ckpt_file bundle/models/$(1)/fold_0.pt --key_in_ckpt "" --meta_file $(META) \
-		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']"
+		--config_file "$(call inference_configs,$(1))" --bundle_root bundle
 	$(PY) -m monai.bundle onnx_export network_def --filepath $(VERIFY_DIR)/$(1)/fold_0.onnx \
 		--ckpt_file bundle/models/$(1)/fold_0.pt --key_in_ckpt "" --meta_file $(META) \
-		--config_file "['bundle/configs/inference.yaml','bundle/configs/$(1).yaml']" \
+		--config_file "$(call inference_configs,$(1))" --bundle_root bundle \
 		--use_trace True --input_shape "[1, 1, 64, 64, 64]" --converter_kwargs "$(ONNX_KWARGS)"
 
 endef
@@ -145,7 +147,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.4.0
+MAP_TAG ?= mood-anomaly:0.5.0
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

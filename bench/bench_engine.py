@@ -7,7 +7,7 @@ Run from the repository root::
 Measures (median wall-clock times over several runs after a warm-up, ``time.perf_counter``):
 
 (a) one full training sample: ``synthesize`` with a task drawn uniformly from all six tasks per run on a
-    128^3 volume, single-threaded torch. Volumes come from ``scripts.phantoms`` (the MNI152 brain, a
+    128^3 volume, single-threaded torch. Volumes come from ``tools.phantoms`` (the MNI152 brain, a
     partner brain, a z-scored CT phantom as the foreign scan). Target: median <= 100 ms.
 (b) ``poisson_blend`` of a 64^3 box mask in the middle of a 128^3 random volume, mixed gradients off and
     on, single-threaded, against a numpy/scipy reference implementation of the same algorithm written
@@ -45,10 +45,12 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "bundle") not in sys.path:
     sys.path.insert(0, str(REPO / "bundle"))
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
 
-from scripts import phantoms  # noqa: E402
 from scripts.anomalies import TASKS, poisson_blend, synthesize  # noqa: E402
 from scripts.files import save_json  # noqa: E402
+from tools import phantoms  # noqa: E402
 
 SIZE = 128
 BOX = 64
@@ -171,7 +173,7 @@ def make_volumes(size: int, seed: int):
     ct, ct_fg = phantoms.ct_phantom(size, seed)
     partner = _channel_first(p_vol)
     foreign = _channel_first(phantoms.zscore(ct, ct_fg))
-    desc = f"scripts.phantoms: mni152_brain({size}), brain_partner, ct_phantom({size}) z-scored"
+    desc = f"tools.phantoms: mni152_brain({size}), brain_partner, ct_phantom({size}) z-scored"
     return image.contiguous(), foreground.reshape(image.shape[1:]), partner.contiguous(), foreign, desc
 
 

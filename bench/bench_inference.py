@@ -33,12 +33,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
 
-from monai.bundle import ConfigParser  # noqa: E402
 
 from scripts.export import export_dataset  # noqa: E402
-from scripts.files import save_json  # noqa: E402
-from scripts.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
+from scripts.files import bundle_configs, save_json  # noqa: E402
+from scripts.plans import build_network, default_plan, ensure_plan  # noqa: E402
+from tools.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
 
 SIZES = {"brain": 256, "abdom": 512}
 
@@ -64,17 +65,14 @@ def write_cases(folder: Path, dataset: str, count: int) -> list[Path]:
 
 
 def write_models(models_dir: Path, dataset: str, folds: int) -> None:
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundle/configs/inference.yaml"))
+    """``folds`` default networks (random weights) with the plan training makes by default (train.yaml's grid)."""
+    fingerprint = {"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}
+    plan = default_plan(dataset, fingerprint=fingerprint if dataset == "abdom" else None)
     folder = models_dir / dataset
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_plan(folder, plan)
     for fold in range(folds):
         torch.manual_seed(fold)
-        network = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-        torch.save(network.state_dict(), folder / f"fold_{fold}.pt")
-    if dataset == "abdom":
-        fingerprint = {"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}
-        (folder / "fingerprint.json").write_text(json.dumps(fingerprint))
+        torch.save(build_network(plan).state_dict(), folder / f"fold_{fold}.pt")
 
 
 def io_seconds(path: Path, out_dir: Path) -> float:
@@ -88,10 +86,10 @@ def io_seconds(path: Path, out_dir: Path) -> float:
 def run_inference(dataset: str, cases: Path, out: Path, models: Path, mode: str,
                   model_format: str = "pytorch") -> tuple[list[float], float]:
     """Seconds per case from the progress lines and the child's own peak resident memory (GB)."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference",
+    command = [sys.executable, "-m", "monai.bundle", "run",
                "--meta_file", "bundle/configs/metadata.json", "--bundle_root", "bundle",
-               "--config_file", repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]),
-               "--input_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models),
+               "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
+               "--dataset_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models),
                "--model_format", model_format]
     env = dict(os.environ, PYTHONPATH=str(REPO / "bundle"))
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:

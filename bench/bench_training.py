@@ -8,7 +8,7 @@ Run from the repository root::
 Builds the trainer from ``bundle/configs/train.yaml`` + ``brain.yaml`` (validation and logging handlers
 off) and times every iteration with Ignite's events: the wait for the next batch (GET_BATCH_STARTED to
 GET_BATCH_COMPLETED) and the whole iteration. Without ``--dataset_dir`` it writes 20 toy normal brains
-(``scripts.phantoms``) to a temporary folder first. The first iterations (cache filling, warm-up) are
+(``tools.phantoms``) to a temporary folder first. The first iterations (cache filling, warm-up) are
 excluded from the medians. Writes JSON (default ``bench/results/training.json``).
 """
 
@@ -28,16 +28,17 @@ from ignite.engine import Events
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.files import save_json  # noqa: E402
-from scripts.phantoms import write_normal_scans  # noqa: E402
+from scripts.files import bundle_configs, save_json  # noqa: E402
+from tools.phantoms import write_normal_scans  # noqa: E402
 
 
 def build_trainer(dataset_dir: str, work: Path, args) -> tuple:
     parser = ConfigParser()
-    parser.read_config([str(REPO / "bundle/configs/train.yaml"), str(REPO / "bundle/configs/brain.yaml")])
+    parser.read_config(bundle_configs(REPO / "bundle", "train", "brain"))
     parser.update({
         "bundle_root": str(REPO / "bundle"),
         "dataset_dir": dataset_dir,

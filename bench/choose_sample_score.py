@@ -3,10 +3,11 @@
 Run from the repository root after a training run::
 
     PYTHONPATH=bundle .venv/bin/python bench/choose_sample_score.py --run_dir RUN --dataset_dir DIR \
-        [--dataset brain] [--fold 0] [--spatial_size 64] [--json PATH]
+        [--dataset brain] [--fold 0] [--json PATH]
 
 Rebuilds the run's fixed validation set (held-out tasks, about half the samples normal) from the training
-config, predicts each sample with the fold's best checkpoint, and reports the sample AP of several ways to
+config and the run's own plan (its grid, normalisation and network), predicts each sample with the fold's best
+checkpoint, and reports the sample AP of several ways to
 turn a map into one score: the mean of the top fraction of voxels (1 voxel, 1e-4, 1e-3, 1e-2), the mean of
 the whole map, and FPI's slice score (per-slice mean, smoothed along the slices, mean of the top 25 %).
 """
@@ -25,16 +26,19 @@ from sklearn.metrics import average_precision_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(1, str(REPO))  # the tools
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.files import save_json  # noqa: E402
+from scripts.files import bundle_configs, save_json  # noqa: E402
 from scripts.metrics import sample_score  # noqa: E402
+from scripts.plans import build_network, load_plan  # noqa: E402
 
 
 def fpi_slice_score(prediction: torch.Tensor, axis: int = 2) -> float:
-    """FPI (REFERENCE.md section 2): per-slice mean, Savitzky-Golay smoothing over ~10 % of the slices,
-    then the mean of the top 25 % of slices."""
+    """FPI's slice score (its readme; Tan et al. 2020, "Detecting outliers with foreign patch interpolation",
+    arXiv:2011.04197): per-slice mean, Savitzky-Golay smoothing over ~10 % of the slices, then the mean of the
+    top 25 % of slices."""
     values = prediction.reshape(prediction.shape[-3:]).float().numpy()
     per_slice = values.mean(axis=tuple(i for i in range(3) if i != axis))
     window = max(3, int(round(0.1 * per_slice.size)) // 2 * 2 + 1)
@@ -60,17 +64,19 @@ def main(argv=None) -> dict:
     cli.add_argument("--dataset", default="brain")
     cli.add_argument("--fold", type=int, default=0)
     cli.add_argument("--num_train_tasks", type=int, default=1)
-    cli.add_argument("--spatial_size", type=int, default=64)
     cli.add_argument("--cache_dir", default=None)
     cli.add_argument("--all_scans", action="store_true",
                      help="held-out tasks on every scan (more samples; the training scans' anatomy was seen)")
     cli.add_argument("--json", default=str(REPO / "bench/results/sample_score.json"))
     args = cli.parse_args(argv)
 
+    models_dir = Path(args.run_dir) / "models"
+    plan = load_plan(models_dir, args.dataset)
     parser = ConfigParser()
-    parser.read_config([str(REPO / "bundle/configs/train.yaml"), str(REPO / f"bundle/configs/{args.dataset}.yaml")])
+    parser.read_config(bundle_configs(REPO / "bundle", "train", args.dataset))
     overrides = {"bundle_root": str(REPO / "bundle"), "dataset_dir": args.dataset_dir, "fold": args.fold,
-                 "num_train_tasks": args.num_train_tasks, "spatial_size": [args.spatial_size] * 3,
+                 "num_train_tasks": args.num_train_tasks, "spatial_size": plan["spatial_size"],
+                 "foreground_fraction": plan["foreground_fraction"], "plan": plan,
                  "output_dir": args.run_dir, "num_workers": 0}
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
@@ -79,8 +85,8 @@ def main(argv=None) -> dict:
         parser["validate#dataset#scans"] = "@all_scans"
         parser["validate#dataset#max_samples"] = None
     dataset = parser.get_parsed_content("validate#dataset")
-    network = parser.get_parsed_content("network_def")
-    checkpoint = Path(args.run_dir) / "models" / args.dataset / f"fold_{args.fold}.pt"
+    network = build_network(plan)
+    checkpoint = models_dir / args.dataset / f"fold_{args.fold}.pt"
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     network.eval()
 

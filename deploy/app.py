@@ -36,7 +36,7 @@ class MoodAnomalyApp(Application):
 
     name = "mood_anomaly_app"
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
-    version = "0.4.0"
+    version = "0.5.0"
 
     def compose(self) -> None:
         context: AppContext = Application.init_app_context(self.argv)

@@ -1,9 +1,10 @@
 """MONAI Deploy operators that run the bundle's own inference: the preprocessing, the fold ensemble and the MOOD
-writers are the objects the bundle's configs declare (inference.yaml + the dataset overlay), parsed once by
+writers are the objects the bundle's configs declare (common.yaml + inference.yaml + the dataset overlay; the
+network and the preprocessing follow the models' own plan), parsed once by
 :class:`BundleInference`; the operators only move one case at a time between them.
 
     ScanLoaderOperator --case--> EnsembleInferenceOperator --case--> MoodWriterOperator
-    the bundle's `cases`           its `network` and `inferer`,        `postprocessing_sample` -> OUT/sample/<name>.txt
+    the bundle's `dataset`         its `network` and `inferer`,        `postprocessing_sample` -> OUT/sample/<name>.txt
     (LoadImaged, preprocessing)    as its evaluator runs them          `postprocessing_pixel` -> OUT/pixel/<name>
 
 The float anomaly map is written by the bundle's own writer as float32 NIfTI (the SDK's
@@ -71,19 +72,19 @@ class BundleInference:
 
     def __init__(self, bundle_root: Path, dataset: str, models_dir: Path, input_dir: Path, output_dir: Path,
                  model_format: str = "pytorch") -> None:
-        from scripts.inference import MODEL_SUFFIXES  # importable once the bundle root is known
+        from scripts.files import MODEL_SUFFIXES  # importable once the bundle root is known
 
         if model_format not in MODEL_SUFFIXES:
             raise ValueError(f"MOOD_MODEL_FORMAT must be one of {sorted(MODEL_SUFFIXES)}, got {model_format!r}")
         configs = bundle_root / "configs"
         self.parser = ConfigParser()
         self.parser.read_meta(str(configs / "metadata.json"))
-        self.parser.read_config([str(configs / "inference.yaml"), str(configs / f"{dataset}.yaml")])
+        self.parser.read_config([str(configs / name) for name in ("common.yaml", "inference.yaml", f"{dataset}.yaml")])
         self.parser.update({"bundle_root": str(bundle_root), "models_dir": str(models_dir),
-                            "input_dir": str(input_dir), "output_dir": str(output_dir / "pixel"),
+                            "dataset_dir": str(input_dir), "output_dir": str(output_dir / "pixel"),
                             "model_format": model_format})
         self.parser.get_parsed_content("initialize")  # the bundle's own start-up (determinism, argument checks)
-        self.cases = self.parser.get_parsed_content("cases")
+        self.cases = self.parser.get_parsed_content("dataset")
         self.network = self.parser.get_parsed_content("network")
         self.inferer = self.parser.get_parsed_content("inferer")
         self.device = self.parser.get_parsed_content("device")
@@ -95,7 +96,7 @@ class BundleInference:
 
 
 class ScanLoaderOperator(Operator):
-    """Emits one case per call: the bundle's ``cases`` dataset item (LoadImaged and the overlay's
+    """Emits one case per call: the bundle's ``dataset`` item (LoadImaged and the overlay's
     preprocessing and normalisation). An unreadable scan becomes an item with its ``error``, never an exception."""
 
     def __init__(self, fragment: Fragment, *args, bundle: BundleInference, **kwargs) -> None:

@@ -68,7 +68,7 @@ else
     die "no bundle found next to $here (expected $here/bundle or $here/../bundle)"
 fi
 [[ "$bundle" != *"'"* ]] || die "the bundle path '$bundle' contains a single quote, which --config_file cannot carry"
-for config in inference.yaml "$dataset.yaml" metadata.json; do
+for config in common.yaml inference.yaml "$dataset.yaml" metadata.json; do
     [[ -f "$bundle/configs/$config" ]] || die "missing $bundle/configs/$config"
 done
 
@@ -83,11 +83,11 @@ else
     python=$default_python
 fi
 
-cmd=("$python" -m monai.bundle run inference
+cmd=("$python" -m monai.bundle run
     --meta_file "$bundle/configs/metadata.json"
     --bundle_root "$bundle"
-    --config_file "['$bundle/configs/inference.yaml','$bundle/configs/$dataset.yaml']"
-    --input_dir "$input" --output_dir "$output" --mode "$mode")
+    --config_file "['$bundle/configs/common.yaml','$bundle/configs/inference.yaml','$bundle/configs/$dataset.yaml']"
+    --dataset_dir "$input" --output_dir "$output" --mode "$mode")
 if [[ -n "${MOOD_MODELS_DIR:-}" ]]; then
     [[ -d "$MOOD_MODELS_DIR" ]] || die "MOOD_MODELS_DIR '$MOOD_MODELS_DIR' is not a folder"
     cmd+=(--models_dir "$(cd "$MOOD_MODELS_DIR" && pwd)")

@@ -38,30 +38,60 @@ def scans(request):
 @pytest.fixture(scope="session")
 def normal_scans(tmp_path_factory):
     """Ten tiny brain and ten tiny abdominal normal scans, written once per test session."""
-    from scripts.phantoms import write_normal_scans
+    from tools.phantoms import write_normal_scans
 
     root = tmp_path_factory.mktemp("normals")
     return {name: write_normal_scans(root / name, name, count=10, size=36)[0].parent for name in ("brain", "abdom")}
 
 
+FINGERPRINT = {"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}
+
+
+def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None, **settings) -> Path:
+    """Fold models of random weights as training leaves them: ``plans.json`` (training's defaults with
+    ``settings`` overriding its keys, e.g. ``network_depth=3``) and one ``fold_<k>.pt`` state dict per fold."""
+    from scripts.plans import build_network, default_plan, ensure_plan
+
+    if dataset == "abdom":
+        fingerprint = fingerprint or FINGERPRINT
+    plan = default_plan(dataset, fingerprint=fingerprint, **settings)
+    folder = Path(models_dir) / dataset
+    ensure_plan(folder, plan)
+    for fold in folds:
+        torch.manual_seed(fold)
+        torch.save(build_network(plan).state_dict(), folder / f"fold_{fold}.pt")
+    return Path(models_dir)
+
+
 @pytest.fixture(scope="session")
 def default_models(tmp_path_factory):
-    """Two folds per dataset of the default network (random weights), recorded at a 32^3 working grid."""
-    import json
-
-    from monai.bundle import ConfigParser
-
+    """Two folds per dataset of the default network (random weights), planned at a 32^3 working grid."""
     models = tmp_path_factory.mktemp("models")
-    parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle/configs/inference.yaml"))
     for dataset in ("brain", "abdom"):
-        folder = models / dataset
-        folder.mkdir()
-        for fold in (0, 1):
-            torch.manual_seed(fold)
-            network = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-            torch.save(network.state_dict(), folder / f"fold_{fold}.pt")
-            (folder / f"fold_{fold}.json").write_text(json.dumps({"spatial_size": [32, 32, 32]}))
-    (models / "abdom" / "fingerprint.json").write_text(
-        json.dumps({"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}))
+        write_models(models, dataset, (0, 1), spatial_size=[32, 32, 32])
     return models
+
+
+# the plan round trip: a model of another width and grid than the defaults, as training leaves it
+PLANNED = {"network_base_filters": 16, "network_depth": 3, "spatial_size": [48, 48, 48]}
+
+
+@pytest.fixture(scope="session")
+def planned_models(normal_scans, tmp_path_factory):
+    """One brain fold trained through ``scripts.training`` (which writes the plan before the folds) with 16 base
+    filters at a 48^3 working grid; returns the run folder (its ``models/`` is what consumers get)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path_factory.mktemp("planned") / "run"
+    overrides = [f"--{key}={value!r}".replace(" ", "") for key, value in PLANNED.items()]
+    command = [sys.executable, "-m", "scripts.training", "--config_file",
+               *(str(root / "bundle/configs" / n) for n in ("common.yaml", "train.yaml", "brain.yaml")),
+               "--output_dir", str(run), "--folds", "0", "--dataset_dir", str(normal_scans["brain"]),
+               "--cache_dir", str(run.parent / "cache"), "--max_epochs", "1", "--num_workers", "0",
+               "--max_val_samples", "4", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(root / "bundle"))
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from scripts.demo import main
+from tools.demo import main
 
 
 def test_demo_writes_a_report_and_prints_its_path_last(default_models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOOD_MODELS_DIR", str(default_models))
-    index = main(["--output-dir", str(tmp_path / "demo"), "--size", "32", "--cases", "2"])
+    index = main(["--output_dir", str(tmp_path / "demo"), "--size", "32", "--cases", "2"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {index}"
     text = index.read_text()
     assert "data:image/png;base64," in text and text.count("<section>") == 2 and 'src="http' not in text

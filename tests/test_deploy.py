@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from scripts.export import export_dataset
+from scripts.files import bundle_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = os.environ.get("MOOD_DEPLOY_PYTHON")
@@ -39,11 +40,10 @@ def run_app(input_path: Path, output_dir: Path, models: Path, check: bool = True
 
 def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, models_dir: Path, model_format: str):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--meta_file", "bundle/configs/metadata.json",
-               "--bundle_root", "bundle", "--config_file",
-               repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]), "--input_dir", str(input_dir),
-               "--output_dir", str(output_dir), "--mode", mode, "--models_dir", str(models_dir),
-               "--model_format", model_format]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
+               "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
+               "--models_dir", str(models_dir), "--model_format", model_format]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -94,6 +94,16 @@ def test_app_runs_exported_onnx_models_like_the_bundle(normal_scans, default_mod
     run_app(inputs, tmp_path / "app", models / "brain", MOOD_MODEL_FORMAT="onnx")
     for mode in ("pixel", "sample"):
         run_bundle("brain", inputs, tmp_path / mode, mode, models, "onnx")
+    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+
+
+def test_app_builds_a_planned_model_of_another_width_and_grid(normal_scans, planned_models, tmp_path):
+    """16 base filters at 48^3 (not the defaults): the app builds network and preprocessing from plans.json."""
+    models = planned_models / "models"
+    inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
+    run_app(inputs, tmp_path / "app", models / "brain")
+    for mode in ("pixel", "sample"):
+        run_bundle("brain", inputs, tmp_path / mode, mode, models, "pytorch")
     assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
 
 

@@ -16,10 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from scripts.ensemble import OnnxNetwork, load_ensemble, model_files
 from scripts.export import ONNX_CONVERTER_KWARGS, export_dataset, probe_volume
-from scripts.inference import OnnxNetwork, load_ensemble, model_files
+from scripts.files import bundle_configs
+from scripts.plans import build_network, load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 META = "bundle/configs/metadata.json"
@@ -36,13 +37,12 @@ def bundle_cli(*args: str, check: bool = True, **env_vars: str) -> subprocess.Co
 
 
 def configs(dataset: str) -> str:
-    return repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"])
+    return repr(bundle_configs("bundle", "inference", dataset))
 
 
 def reference_network(dataset: str, state_dict: Path) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "bundle/configs/inference.yaml"), str(ROOT / f"bundle/configs/{dataset}.yaml")])
-    network = parser.get_parsed_content("network_def")
+    """The network of the plan next to ``state_dict``, with its weights."""
+    network = build_network(load_plan(state_dict.parent.parent, dataset))
     network.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
     return network.eval()
 
@@ -54,9 +54,12 @@ def test_verify_metadata_cli_offline():
 @pytest.mark.parametrize("dataset", ["brain", "abdom"])
 def test_model_zoo_checks_and_exports_of_the_shipped_models(dataset, tmp_path):
     # the metadata's 16*n grid with n=2: the bottleneck of the 5-level network must keep more than one voxel
-    bundle_cli("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", configs(dataset), "--n", "2")
+    # the network comes from the plan of the shipped models (bundle/models/<dataset>/plans.json)
+    bundle_cli("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", configs(dataset), "--n", "2",
+               "--bundle_root", "bundle")
     state_dict = ROOT / "bundle/models" / dataset / "fold_0.pt"
-    common = ["--ckpt_file", state_dict, "--meta_file", META, "--config_file", configs(dataset), "--key_in_ckpt", ""]
+    common = ["--ckpt_file", state_dict, "--meta_file", META, "--config_file", configs(dataset), "--key_in_ckpt", "",
+              "--bundle_root", "bundle"]
     bundle_cli("ckpt_export", "network_def", "--filepath", tmp_path / "fold_0.ts", *common)
     bundle_cli("onnx_export", "network_def", "--filepath", tmp_path / "fold_0.onnx", *common, "--use_trace", "True",
                "--input_shape", "[1, 1, 64, 64, 64]", "--converter_kwargs", repr(ONNX_CONVERTER_KWARGS))
@@ -75,8 +78,10 @@ def test_model_zoo_checks_and_exports_of_the_shipped_models(dataset, tmp_path):
 
 
 def test_verify_net_in_out_catches_a_network_that_breaks_the_metadata():
+    two_channels = ("$scripts.plans.build_network({**@plan['network'], "
+                    "'args': {**@plan['network']['args'], 'out_channels': 2}})")
     result = bundle_cli("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", configs("brain"),
-                        "--n", "2", "--network_def#out_channels", "2", check=False)
+                        "--n", "2", "--bundle_root", "bundle", "--network_def", two_channels, check=False)
     assert result.returncode != 0
     assert "channel" in (result.stdout + result.stderr).lower()
 
@@ -112,7 +117,7 @@ class Collect(logging.Handler):
 def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reported(models, tmp_path, monkeypatch):
     models = Path(shutil.copytree(models, tmp_path / "models"))  # this test makes an export stale
     # listen on the module's logger itself: earlier tests may have reconfigured logging (MONAI's logging.conf)
-    inference_logger, warnings = logging.getLogger("scripts.inference"), Collect()
+    inference_logger, warnings = logging.getLogger("scripts.ensemble"), Collect()
     monkeypatch.setattr(inference_logger, "disabled", False)
     monkeypatch.setattr(inference_logger, "level", logging.NOTSET)
     inference_logger.addHandler(warnings)
@@ -145,8 +150,8 @@ def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reporte
 def run_inference(input_dir: Path, output_dir: Path, mode: str, models: Path, model_format: str) -> None:
     # on the CPU, in float32: on a GPU the state dicts run in mixed precision and cuDNN's TF32 (about 1e-3 apart),
     # while the ONNX models run on onnxruntime's CPU provider unless its GPU build is installed
-    bundle_cli("run", "inference", "--meta_file", META, "--bundle_root", "bundle", "--config_file", configs("brain"),
-               "--input_dir", input_dir, "--output_dir", output_dir, "--mode", mode, "--models_dir", models,
+    bundle_cli("run", "--meta_file", META, "--bundle_root", "bundle", "--config_file", configs("brain"),
+               "--dataset_dir", input_dir, "--output_dir", output_dir, "--mode", mode, "--models_dir", models,
                "--model_format", model_format, CUDA_VISIBLE_DEVICES="")
 
 

@@ -4,7 +4,6 @@ bad inputs that never stop the rest, and clear errors for an empty folder or mis
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import subprocess
 import sys
@@ -13,39 +12,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-import yaml
-from monai.networks.nets import DynUNet
+
+from conftest import write_models as write_planned_models
+from scripts.files import bundle_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_NET = ["--network_depth", "3", "--network_base_filters", "4"]
-
-
-def tiny_network(seed: int) -> DynUNet:
-    torch.manual_seed(seed)
-    return DynUNet(3, 1, 1, kernel_size=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                   upsample_kernel_size=[[2, 2, 2]] * 2, filters=[4, 8, 16], norm_name="instance")
+TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
 
 
 def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None) -> Path:
-    """Fold models as training writes them: fold_<k>.pt state dicts and fold_<k>.json with the grid."""
-    folder = models_dir / dataset
-    folder.mkdir(parents=True, exist_ok=True)
-    for fold in folds:
-        torch.save(tiny_network(fold).state_dict(), folder / f"fold_{fold}.pt")
-        (folder / f"fold_{fold}.json").write_text(json.dumps({"fold": fold, "spatial_size": [24, 24, 24]}))
-    if fingerprint is not None:
-        (folder / "fingerprint.json").write_text(json.dumps(fingerprint))
-    return models_dir
+    """Fold models as training writes them: plans.json (a tiny network at a 24^3 grid) and fold_<k>.pt."""
+    return write_planned_models(models_dir, dataset, folds, fingerprint, **TINY)
 
 
 def infer(dataset: str, input_dir, output_dir, mode: str, models_dir, check: bool = True):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--meta_file", "bundle/configs/metadata.json",
-               "--bundle_root", "bundle", "--config_file",
-               repr(["bundle/configs/inference.yaml", f"bundle/configs/{dataset}.yaml"]),
-               "--input_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
-               "--models_dir", str(models_dir), *TINY_NET]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
+               "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
+               "--models_dir", str(models_dir)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -91,9 +76,10 @@ def test_sample_scores_for_abdomen_with_fingerprint(normal_scans, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.name}.txt" for p in inputs)
     scores = [float((out / f"{p.name}.txt").read_text()) for p in inputs]
     assert all(0 <= s <= 1 for s in scores) and len(set(scores)) > 1
-    (models / "abdom" / "fingerprint.json").unlink()
+    (models / "abdom" / "plans.json").unlink()  # models trained before plans existed
     result = infer("abdom", normal_scans["abdom"], tmp_path / "again", "sample", models, check=False)
-    assert result.returncode != 0 and "fingerprint.json" in result.stderr + result.stdout
+    log = result.stderr + result.stdout
+    assert result.returncode != 0 and "no plans.json" in log and "python -m scripts.plans" in log
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +140,3 @@ def test_empty_folder_and_missing_models_are_clear_errors(normal_scans, tmp_path
     assert result.returncode != 0 and "holds no *.nii.gz or *.nii scans" in result.stdout + result.stderr
     result = infer("brain", normal_scans["brain"], tmp_path / "out", "pixel", tmp_path / "nowhere", check=False)
     assert result.returncode != 0 and "no trained models for 'brain'" in result.stdout + result.stderr
-
-
-def test_training_and_inference_define_the_same_network():
-    train = yaml.safe_load((ROOT / "bundle/configs/train.yaml").read_text())
-    inference = yaml.safe_load((ROOT / "bundle/configs/inference.yaml").read_text())
-    assert train["network_def"] == inference["network_def"]
-    for key in ("network_depth", "network_base_filters", "network_max_filters", "sample_score_fraction"):
-        assert train[key] == inference[key], key

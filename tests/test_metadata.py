@@ -41,3 +41,45 @@ def test_metadata_versions_match_the_pinned_environment():
     pyproject = (ROOT / "pyproject.toml").read_text()
     for package, version in meta["required_packages_version"].items():
         assert f'"{package}=={version}"' in pyproject, package
+
+
+def test_bundle_version_is_the_same_everywhere():
+    import re
+    import tomllib
+
+    version = json.loads(METADATA.read_text())["version"]
+    assert version in json.loads(METADATA.read_text())["changelog"]
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == version
+    app = re.search(r'^\s*version = "([^"]+)"', (ROOT / "deploy" / "app.py").read_text(), re.MULTILINE)
+    assert app and app.group(1) == version
+    app_yaml = re.search(r"^\s*version:\s*(\S+)", (ROOT / "deploy" / "app.yaml").read_text(), re.MULTILINE)
+    assert app_yaml and app_yaml.group(1) == version
+    map_tag = re.search(r"^MAP_TAG \?= \S+:(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert map_tag and map_tag.group(1) == version
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"ignite": "pytorch-ignite", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+# the base requirements, which metadata.json records in its own keys
+BASE = {"torch", "monai", "numpy"}
+
+
+def test_every_package_the_bundle_imports_is_in_required_packages_version():
+    import ast
+    import sys
+
+    imported = set()
+    for path in (ROOT / "bundle" / "scripts").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names} - BASE - {"scripts", "__future__"}
+    assert third_party, "no third-party imports found: the scan is broken"
+    required = json.loads(METADATA.read_text())["required_packages_version"]
+    missing = sorted(DISTRIBUTIONS.get(name, name) for name in third_party
+                     if DISTRIBUTIONS.get(name, name) not in required)
+    assert not missing, f"imported by bundle/scripts but not in required_packages_version: {missing}"
+    # the configs are YAML and the training workflow logs to TensorBoard with a tqdm progress bar
+    assert {"pyyaml", "tensorboard", "tqdm"} <= set(required)

@@ -1,4 +1,4 @@
-"""The offline phantoms (scripts.phantoms) and the synthetic-anomaly preview figures (scripts.preview)."""
+"""The offline phantoms (tools.phantoms) and the synthetic-anomaly preview figures (tools.preview)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from scripts import phantoms
-from scripts.phantoms import brain_partner, ct_phantom, mni152_brain
-from scripts.preview import main, write_previews
+from tools import phantoms
+from tools.phantoms import brain_partner, ct_phantom, mni152_brain
+from tools.preview import main, write_previews
 
 SIZE = 48
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,8 +34,8 @@ def _check_png(path):
 
 def test_write_previews(tmp_path, capsys):
     tasks = ("fpi", "sink")
-    paths = write_previews(tmp_path, size=SIZE, seed=0, datasets=("brain", "ct"), tasks=tasks)
-    expected = [tmp_path / f"preview_{d}_{t}.png" for d in ("brain", "ct") for t in tasks]
+    paths = write_previews(tmp_path, size=SIZE, seed=0, datasets=("brain", "abdom"), tasks=tasks)
+    expected = [tmp_path / f"preview_{d}_{t}.png" for d in ("brain", "abdom") for t in tasks]
     assert paths == expected
     for path in paths:
         _check_png(path)
@@ -44,9 +44,9 @@ def test_write_previews(tmp_path, capsys):
 
 
 def test_preview_cli(tmp_path):
-    paths = main(["--output-dir", str(tmp_path / "out"), "--size", str(SIZE), "--seed", "3",
-                  "--datasets", "ct", "--tasks", "poisson_inter"])
-    assert paths == [tmp_path / "out" / "preview_ct_poisson_inter.png"]
+    paths = main(["--output_dir", str(tmp_path / "out"), "--size", str(SIZE), "--seed", "3",
+                  "--datasets", "abdom", "--tasks", "poisson_inter"])
+    assert paths == [tmp_path / "out" / "preview_abdom_poisson_inter.png"]
     _check_png(paths[0])
 
 

@@ -15,8 +15,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from scripts.evaluate import evaluate
-from scripts.report import fmt_metric, write_report
-from scripts.toy_data import write_toy_dataset
+from tools.report import fmt_metric, write_report
+from tools.toy_data import write_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TOY = 6
@@ -80,8 +80,8 @@ def test_report_html(dataset, tmp_path):
 
 def test_report_cli_without_predictions(dataset, tmp_path):
     data, _, sample = dataset
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"), MPLBACKEND="Agg")
-    out = subprocess.run([sys.executable, "-m", "scripts.report", "--data_dir", str(data), "--sample_dir",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "bundle"), str(ROOT)]), MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, "-m", "tools.report", "--data_dir", str(data), "--sample_dir",
                           str(sample), "--output_dir", str(tmp_path / "cli")],
                          capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     last = out.stdout.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""MOOD-layout toy data (scripts.toy_data): layout, labels, determinism, anatomy, every anomaly kind."""
+"""MOOD-layout toy data (tools.toy_data): layout, labels, determinism, anatomy, every anomaly kind."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import toy_data
-from scripts.toy_data import ANOMALY_KINDS, apply_anomaly, brain_scan, normal_scan, toy_case, write_toy_dataset
+from tools import toy_data
+from tools.toy_data import ANOMALY_KINDS, apply_anomaly, brain_scan, normal_scan, toy_case, write_toy_dataset
 
 SIZE, N_TRAIN, N_TOY = 48, 2, 6
 
@@ -156,7 +156,7 @@ def test_every_kind_appears_in_a_toy_set():
 
 
 def test_cli(tmp_path, capsys):
-    toy_data.main(["--output-dir", str(tmp_path), "--datasets", "abdom", "--size", "32", "--train", "1",
+    toy_data.main(["--output_dir", str(tmp_path), "--datasets", "abdom", "--size", "32", "--train", "1",
                    "--toy", "2", "--seed", "3"])
     assert (tmp_path / "abdom" / "abdom_train" / "00000.nii.gz").is_file()
     assert (tmp_path / "abdom" / "toy_label" / "sample" / "toy_1.nii.gz.txt").is_file()

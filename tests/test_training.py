@@ -13,18 +13,20 @@ import pytest
 import torch
 from monai.networks.nets import DynUNet
 
+from scripts.files import bundle_configs
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--spatial_size", "[24,24,24]", "--network_depth", "3", "--network_base_filters", "4",
         "--num_workers", "0", "--max_val_samples", "8", "--batch_size", "2"]
 
 
 def configs(dataset: str, *extra: str) -> str:
-    return repr([f"bundle/configs/{name}" for name in ("train.yaml", f"{dataset}.yaml", *extra)])
+    return repr(bundle_configs("bundle", "train", dataset, *extra))
 
 
 def run(args: list[str], launcher: list[str] | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"), **env_vars)
-    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", "training",
+    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run",
                                                       "--meta_file", "bundle/configs/metadata.json",
                                                       "--bundle_root", "bundle", *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -83,7 +85,7 @@ def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     # validation before training, every second epoch, and after the last epoch
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [0, 2, 3]
     model_dir = out / "models" / "abdom"
-    fingerprint = json.loads((model_dir / "fingerprint.json").read_text())
+    fingerprint = json.loads((model_dir / "plans.json").read_text())["normalisation"]["fingerprint"]
     assert -1000 <= fingerprint["percentile_00_5"] < fingerprint["mean"] < fingerprint["percentile_99_5"] <= 1500
     fold = json.loads((model_dir / "fold_3.json").read_text())
     assert fold["split"]["tasks"] == ["poisson_intra", "poisson_inter", "sink", "source", "smooth_intensity"]
@@ -95,8 +97,8 @@ def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
 def test_all_folds_of_a_split_and_their_summary(normal_scans, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
-    command = [sys.executable, "-m", "scripts.training", "--config_file", "bundle/configs/train.yaml",
-               "bundle/configs/brain.yaml", "--output_dir", str(out), "--num_train_tasks", "4", "--folds", "0", "4",
+    command = [sys.executable, "-m", "scripts.training", "--config_file", *bundle_configs("bundle", "train", "brain"),
+               "--output_dir", str(out), "--num_train_tasks", "4", "--folds", "0", "4",
                "--dataset_dir", str(normal_scans["brain"]), "--cache_dir", str(tmp_path / "cache"),
                "--max_epochs", "1", *TINY]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

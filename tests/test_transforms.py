@@ -1,4 +1,5 @@
-"""RandSyntheticAnomalyd: MONAI conventions (Randomizable, set_random_state, numpy/torch/MetaTensor)."""
+"""The bundle's MONAI transforms: RandSyntheticAnomalyd (RandomizableTransform, set_random_state) and the
+preprocessing array/dictionary pairs, against MONAI's conventions (missing keys, numpy/torch/MetaTensor)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd
+from monai.transforms import Compose, EnsureChannelFirstd, MapTransform, RandomizableTransform, Transform
+from monai.utils import TransformBackends
 from parameterized import parameterized
 
+import scripts.transforms as transforms_module
 from conftest import textured_scan
-from scripts.transforms import RandSyntheticAnomalyd
+from scripts.transforms import (
+    FiniteIntensity,
+    FiniteIntensityd,
+    IntensityForeground,
+    IntensityForegroundd,
+    NormaliseIntensity,
+    NormaliseIntensityd,
+    RandSyntheticAnomalyd,
+)
 
 IMAGE, FOREGROUND = textured_scan((20, 18, 16), seed=0)
 PARTNER, _ = textured_scan((20, 18, 16), seed=1)
@@ -108,3 +119,167 @@ def test_bad_arguments_are_clear_errors():
     bad = dict(sample("torch"), foreground=np.ones((5, 5, 5), dtype=bool))
     with pytest.raises(ValueError, match="foreground shape"):
         RandSyntheticAnomalyd(tasks=["sink"]).set_random_state(0)(bad)
+
+
+# ---- MONAI conventions of the preprocessing transforms --------------------------------------------------
+
+FINGERPRINT = {"percentile_00_5": 10.0, "percentile_99_5": 150.0, "mean": 90.0, "std": 25.0}
+AFFINE = torch.diag(torch.tensor([2.0, 1.5, 3.0, 1.0], dtype=torch.float64))
+
+
+def broken_image() -> torch.Tensor:
+    """IMAGE with a NaN, a +Inf and a -Inf voxel, so FiniteIntensity has something to repair."""
+    image = IMAGE.clone()
+    image[0, 10, 9, 8], image[0, 11, 9, 8], image[0, 12, 9, 8] = float("nan"), float("inf"), -float("inf")
+    return image
+
+
+def as_kind(x: torch.Tensor, kind: str):
+    if kind == "numpy":
+        return x.numpy().copy()
+    if kind == "torch":
+        return x.clone()
+    return MetaTensor(x.clone(), affine=AFFINE.clone(), meta={"filename_or_obj": "case_001.nii.gz"})
+
+
+KINDS = [("numpy", np.ndarray), ("torch", torch.Tensor), ("metatensor", MetaTensor)]
+
+# (name, array transform, its call as a function of (transform, image, foreground), dictionary transform,
+#  the key the dictionary transform writes, the input image)
+PAIRS = {
+    "finite": (lambda: FiniteIntensity(), lambda t, x, fg: t(x), lambda **kw: FiniteIntensityd(**kw), "image",
+               broken_image),
+    "foreground": (lambda: IntensityForeground(fraction=0.2), lambda t, x, fg: t(x),
+                   lambda **kw: IntensityForegroundd(fraction=0.2, **kw), "foreground", lambda: IMAGE),
+    "zscore": (lambda: NormaliseIntensity(), lambda t, x, fg: t(x, mask=fg),
+               lambda **kw: NormaliseIntensityd(**kw), "image", lambda: IMAGE),
+    "fingerprint": (lambda: NormaliseIntensity("fingerprint", FINGERPRINT), lambda t, x, fg: t(x),
+                    lambda **kw: NormaliseIntensityd(mode="fingerprint", fingerprint=FINGERPRINT, **kw), "image",
+                    lambda: IMAGE),
+}
+DICT_TRANSFORMS = [
+    ("finite", lambda **kw: FiniteIntensityd(**kw)),
+    ("foreground", lambda **kw: IntensityForegroundd(**kw)),
+    ("zscore", lambda **kw: NormaliseIntensityd(**kw)),
+    ("fingerprint", lambda **kw: NormaliseIntensityd(mode="fingerprint", fingerprint=FINGERPRINT, **kw)),
+    ("anomaly", lambda **kw: RandSyntheticAnomalyd(foreign_key="foreign", **kw).set_random_state(0)),
+]
+
+
+def test_public_names_and_monai_base_classes():
+    assert sorted(transforms_module.__all__) == sorted([
+        "FiniteIntensity", "FiniteIntensityd", "IntensityForeground", "IntensityForegroundd",
+        "NormaliseIntensity", "NormaliseIntensityd", "RandSyntheticAnomalyd",
+    ])
+    assert all(hasattr(transforms_module, name) for name in transforms_module.__all__)
+    assert not hasattr(transforms_module, "ForegroundMaskd")  # the name of an unrelated (Otsu) MONAI transform
+    both = {TransformBackends.TORCH, TransformBackends.NUMPY}
+    for array, dictionary in ((FiniteIntensity, FiniteIntensityd), (IntensityForeground, IntensityForegroundd),
+                              (NormaliseIntensity, NormaliseIntensityd)):
+        assert issubclass(array, Transform) and not issubclass(array, MapTransform)
+        assert issubclass(dictionary, MapTransform)
+        assert set(array.backend) == both and dictionary.backend == array.backend
+    assert issubclass(RandSyntheticAnomalyd, RandomizableTransform) and issubclass(RandSyntheticAnomalyd, MapTransform)
+    assert TransformBackends.TORCH in RandSyntheticAnomalyd.backend
+
+
+@parameterized.expand(DICT_TRANSFORMS)
+def test_missing_key_is_skipped_with_allow_missing_keys_and_an_error_without(_, make):
+    data = {"scan": IMAGE.clone(), "partner": PARTNER.clone(), "foreground": FOREGROUND.numpy()}
+    out = make(keys="image", allow_missing_keys=True)(data)
+    assert out.keys() == data.keys() and all(out[k] is data[k] for k in data)
+    with pytest.raises(KeyError, match="image"):
+        make(keys="image", allow_missing_keys=False)(data)
+
+
+def test_anomaly_transform_with_a_missing_image_does_not_draw():
+    transform = RandSyntheticAnomalyd(allow_missing_keys=True).set_random_state(4)
+    transform({"partner": PARTNER.clone()})
+    after_skip = transform({"image": IMAGE.clone(), "partner": PARTNER.clone()})
+    fresh = RandSyntheticAnomalyd().set_random_state(4)({"image": IMAGE.clone(), "partner": PARTNER.clone()})
+    assert after_skip["anomaly_task"] == fresh["anomaly_task"] and torch.equal(after_skip["image"], fresh["image"])
+
+
+@parameterized.expand([(name, kind, cls) for name in PAIRS for kind, cls in KINDS])
+def test_array_transforms_keep_the_input_type_and_give_the_same_values(name, kind, expected_type):
+    make, call, _, _, image = PAIRS[name]
+    reference = call(make(), image(), FOREGROUND)
+    assert isinstance(reference, torch.Tensor)
+    out = call(make(), as_kind(image(), kind), as_kind(FOREGROUND, kind))
+    assert isinstance(out, expected_type)
+    if kind == "torch":
+        assert not isinstance(out, MetaTensor)
+    np.testing.assert_array_equal(np.asarray(out), reference.numpy())
+    assert torch.as_tensor(np.asarray(out)).dtype == reference.dtype
+    assert reference.dtype == (torch.bool if name == "foreground" else torch.float32)
+    if kind == "metatensor":
+        assert out.meta["filename_or_obj"] == "case_001.nii.gz" and torch.equal(out.affine, AFFINE)
+
+
+@parameterized.expand([(name, kind) for name in PAIRS for kind, _ in KINDS])
+def test_dictionary_transforms_equal_their_array_transform(name, kind):
+    make, call, make_dict, out_key, image = PAIRS[name]
+    data = {"image": as_kind(image(), kind), "foreground": as_kind(FOREGROUND[None], kind)}
+    given = dict(data)
+    expected = call(make(), as_kind(image(), kind), data["foreground"])
+    out = make_dict(keys="image")(data)
+    assert type(out[out_key]) is type(expected)
+    np.testing.assert_array_equal(np.asarray(out[out_key]), np.asarray(expected))
+    assert set(out) == {"image", "foreground"} and all(data[k] is given[k] for k in given)  # input dict untouched
+
+
+def test_finite_intensity_repairs_nan_and_inf_from_the_finite_range():
+    image = broken_image()
+    finite = image[torch.isfinite(image)]
+    out = FiniteIntensity()(image)
+    assert torch.isfinite(out).all()
+    assert out[0, 10, 9, 8] == finite.min() and out[0, 11, 9, 8] == finite.max() and out[0, 12, 9, 8] == finite.min()
+    mask = torch.isfinite(image)
+    assert torch.equal(out[mask], image[mask])
+    assert not FiniteIntensity()(torch.full((1, 3, 3), float("nan"))).any()
+    clean = np.arange(8, dtype=np.int16).reshape(1, 2, 4)
+    assert FiniteIntensity()(clean) is clean  # an all-finite image is returned untouched, dtype included
+
+
+def test_intensity_foreground_thresholds_between_the_minimum_and_the_99th_percentile():
+    image = torch.zeros(1, 10, 10)
+    image[0, 2:8, 2:8] = 100.0
+    image[0, 4, 4] = 5.0  # below min + 0.1 * (p99 - min) = 10
+    mask = IntensityForeground(fraction=0.1)(image)
+    expected = image[0] > 10.0
+    assert mask.shape == (1, 10, 10) and mask.dtype == torch.bool and torch.equal(mask[0], expected)
+    two_channels = torch.cat([torch.zeros(1, 10, 10), image])  # a voxel bright in any channel is foreground
+    assert torch.equal(IntensityForeground(fraction=0.1)(two_channels), mask)
+    assert IntensityForeground()(torch.zeros(1, 4, 4)).all()  # nothing above the threshold: all true
+    with pytest.raises(ValueError, match="one image key"):
+        IntensityForegroundd(keys=["t1", "t2"])
+
+
+def test_zscore_uses_the_foreground_of_the_same_dict():
+    out = NormaliseIntensityd()({"image": IMAGE.clone(), "foreground": FOREGROUND.numpy()})["image"]
+    inside = out[0][FOREGROUND]
+    assert abs(float(inside.mean())) < 1e-5 and abs(float(inside.std()) - 1.0) < 1e-4
+    whole = NormaliseIntensityd(foreground_key=None)({"image": IMAGE.clone(), "foreground": FOREGROUND})["image"]
+    assert abs(float(whole.mean())) < 1e-5 and not torch.allclose(whole, out)
+    assert torch.equal(whole, NormaliseIntensity()(IMAGE.clone()))
+    with pytest.raises(ValueError, match="mode must be"):
+        NormaliseIntensity(mode="minmax")
+
+
+def test_dictionary_transforms_process_every_key():
+    data = {"image": broken_image(), "partner": broken_image()}
+    out = FiniteIntensityd(keys=["image", "partner"])(data)
+    assert torch.isfinite(out["image"]).all() and torch.isfinite(out["partner"]).all()
+    out = NormaliseIntensityd(keys=["image", "partner"], foreground_key=None)({"image": IMAGE, "partner": PARTNER})
+    assert torch.equal(out["image"], NormaliseIntensity()(IMAGE))
+    assert torch.equal(out["partner"], NormaliseIntensity()(PARTNER))
+
+
+def test_anomaly_transform_draws_prob_the_monai_way():
+    transform = RandSyntheticAnomalyd(prob=0.5).set_random_state(2)
+    assert transform.prob == 0.5
+    for _ in range(20):
+        out = transform(sample("torch"))
+        assert (out["anomaly_task"] != "none") == transform._do_transform
+    with pytest.raises(ValueError, match="prob"):
+        RandSyntheticAnomalyd(prob=1.5)

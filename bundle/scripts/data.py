@@ -1,7 +1,7 @@
 """Dataset discovery, data folds, the task/data-fold cross-validation of "Many tasks make light work",
 and the datasets that pair scans and add synthetic anomalies for training and validation.
 
-Cross-validation (paper section 2, Figure 1; REFERENCE.md section 4): five synthetic tasks are paired
+Cross-validation (Baugh et al., MICCAI 2023, arXiv:2307.13986, section 2 and Figure 1): five synthetic tasks are paired
 with five data folds (task i with fold i). A model fold is one of ``combinations(range(5), T)`` for T
 training tasks; it trains on its T tasks and validates on the other 5 - T. The data folds paired with the
 training tasks form one group, those paired with the held-out tasks the other, and the LARGER group trains
@@ -109,6 +109,15 @@ class CrossValidationSplit:
     val_data_folds: tuple[int, ...]
     train_scans: tuple[str, ...]
     val_scans: tuple[str, ...]
+
+    def subset(self, dataset: Sequence, scans: Sequence[str], part: str) -> torch.utils.data.Subset:
+        """The items of ``dataset`` (one per scan of ``scans``, in that order) that ``part`` ("train" or "val")
+        uses."""
+        if part not in ("train", "val"):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        index = {scan: i for i, scan in enumerate(scans)}
+        chosen = self.train_scans if part == "train" else self.val_scans
+        return torch.utils.data.Subset(dataset, [index[s] for s in chosen])
 
     def describe(self) -> str:
         return (

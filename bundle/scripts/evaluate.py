@@ -7,7 +7,7 @@ Run::
 
 ``DATA`` holds ``toy/`` (scans ``toy_N.nii.gz``), ``toy_label/pixel/toy_N.nii.gz`` (binary masks) and
 ``toy_label/sample/toy_N.nii.gz.txt`` (0 or 1). Semantics follow MOOD ``scripts/evalresults.py``
-(REFERENCE.md section 1), re-implemented:
+(the challenge's evaluation code, github.com/MIC-DKFZ/mood), re-implemented:
 
 - every label file is one case; the prediction with the same name is read from ``PRED`` (pixel: the NIfTI
   ``<name>``; sample: the text file ``<name>.txt`` - the label file's own name - holding one float on its
@@ -36,7 +36,6 @@ undefined); a short summary is printed, the JSON path last.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -46,9 +45,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from scripts.files import save_json
 from scripts.metrics import average_precision_from_counts
 
-__all__ = ["MODES", "auroc_from_counts", "count_metrics", "evaluate", "float16_bin_counts", "main", "write_report"]
+__all__ = ["MODES", "auroc_from_counts", "count_metrics", "evaluate", "float16_bin_counts", "main"]
 
 MODES = ("pixel", "sample")
 # Bit pattern of float16 1.0; every float16 in [0, 1] has a bit pattern in [0, 0x3C00], ordered as its value.
@@ -274,13 +274,6 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict, output: str | os.PathLike) -> Path:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    return output
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="MOOD-layout dataset folder (holds <cases>_label/)")
@@ -293,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = evaluate(args.data_dir, args.pred_dir, args.mode, cases_dir_name=args.cases_dir_name,
                       label_dir=args.label_dir)
     output = args.output or Path(args.pred_dir) / f"evaluation_{args.mode}.json"
-    path = write_report(result, output)
+    path = save_json(result, output)
     print(summary(result))
     print(path)
     return result

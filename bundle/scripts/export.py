@@ -2,11 +2,12 @@
 
 For each ``models_dir/<dataset>/fold_<k>.pt`` (plain state dict) this runs ``monai.bundle.ckpt_export`` (TorchScript,
 ``fold_<k>.ts``) and ``monai.bundle.onnx_export`` (ONNX, ``fold_<k>.onnx``) on the bundle's ``network_def`` from
-``inference.yaml`` + the dataset overlay, exactly as the command-line forms do::
+``common.yaml`` + ``inference.yaml`` + the dataset overlay (the network of the models' own plan), exactly as the
+command-line forms do::
 
     python -m monai.bundle ckpt_export network_def --filepath fold_0.ts --ckpt_file fold_0.pt --key_in_ckpt "" \\
-        --meta_file bundle/configs/metadata.json \\
-        --config_file "['bundle/configs/inference.yaml','bundle/configs/brain.yaml']"
+        --meta_file bundle/configs/metadata.json --models_dir bundle/models \\
+        --config_file "['bundle/configs/common.yaml','bundle/configs/inference.yaml','bundle/configs/brain.yaml']"
 
 then runs the state dict and both exports on the same probe volume at the models' working grid and records the
 largest absolute difference of the anomaly maps (the sigmoid of the logits, what inference averages) and of the
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser, ckpt_export, onnx_export
+from monai.bundle import ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
-from scripts.files import save_json
-from scripts.inference import MODEL_SUFFIXES, OnnxNetwork, model_files, trained_setting
+from scripts.ensemble import OnnxNetwork, model_files
+from scripts.files import MODEL_SUFFIXES, bundle_configs, save_json
+from scripts.plans import build_network, load_plan
 
 __all__ = ["EXPORT_FORMATS", "ONNX_CONVERTER_KWARGS", "export_dataset", "export_fold", "probe_volume"]
 
@@ -50,14 +52,6 @@ ONNX_CONVERTER_KWARGS = {
 }
 
 
-def config_files(bundle_root: str | Path, dataset: str) -> list[str]:
-    configs = Path(bundle_root) / "configs"
-    overlay = configs / f"{dataset}.yaml"
-    if not overlay.is_file():
-        raise FileNotFoundError(f"no dataset overlay {str(overlay)!r} for the models of {dataset!r}")
-    return [str(configs / "inference.yaml"), str(overlay)]
-
-
 def probe_volume(spatial_size: Sequence[int], seed: int = 0) -> torch.Tensor:
     """A deterministic smooth random volume with zero mean and unit variance (like a normalised scan), shaped
     ``(1, 1, *spatial_size)``: the input on which exports are compared with the state dict."""
@@ -69,10 +63,12 @@ def probe_volume(spatial_size: Sequence[int], seed: int = 0) -> torch.Tensor:
 
 def export_fold(state_dict: str | Path, formats: Sequence[str], configs: Sequence[str], meta_file: str | Path,
                 spatial_size: Sequence[int]) -> dict[str, Path]:
-    """Write the exports of one fold next to its state dict; returns ``{format: path}``."""
+    """Write the exports of one fold next to its state dict (``<models_dir>/<dataset>/fold_<k>.pt``, whose plan
+    defines the network); returns ``{format: path}``."""
     state_dict = Path(state_dict)
     common = {"net_id": "network_def", "ckpt_file": str(state_dict), "meta_file": str(meta_file),
-              "config_file": list(configs), "key_in_ckpt": ""}
+              "config_file": list(configs), "key_in_ckpt": "", "models_dir": str(state_dict.parent.parent),
+              "dataset_name": state_dict.parent.name}
     written = {}
     for fmt in formats:
         target = state_dict.with_suffix(MODEL_SUFFIXES[fmt])
@@ -98,12 +94,11 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
     """Export every fold of ``models_dir/<dataset>`` and compare each export's anomaly map with its state dict's
     on :func:`probe_volume`; writes and returns the record (``export.json``). Raises ValueError when a map
     differs by more than ``tolerance``."""
-    configs = config_files(bundle_root, dataset)
+    configs = bundle_configs(bundle_root, "inference", dataset)
     meta_file = Path(bundle_root) / "configs" / "metadata.json"
-    parser = ConfigParser()
-    parser.read_config(configs)
-    network_def = parser.get_parsed_content("network_def")
-    spatial_size = list(trained_setting(models_dir, dataset, "spatial_size", [128, 128, 128]))
+    plan = load_plan(models_dir, dataset)
+    network_def = build_network(plan)
+    spatial_size = list(plan["spatial_size"])
     x = probe_volume(spatial_size)
     record = {"dataset": dataset, "spatial_size": spatial_size, "tolerance": tolerance, "folds": {}}
     for state_dict in model_files(models_dir, dataset, "pytorch"):

@@ -9,11 +9,26 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "is_scan", "load_json", "save_json"]
+__all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json", "save_json"]
 
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # file suffix of one fold model per ``model_format`` (the exports are made by ``scripts.export`` / ``make export``)
 MODEL_SUFFIXES = {"pytorch": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+
+
+def bundle_configs(bundle_root: str | os.PathLike, workflow: str, dataset: str, *extra: str) -> list[str]:
+    """The config files of a workflow (``train`` or ``inference``) for one dataset, in the order they are read:
+    ``common.yaml``, the workflow's file, the dataset overlay, then any ``extra`` overlays (e.g.
+    ``multi_gpu_train.yaml``)."""
+    if workflow not in ("train", "inference"):
+        raise ValueError(f"workflow must be 'train' or 'inference', got {workflow!r}")
+    configs = Path(bundle_root) / "configs"
+    files = [configs / "common.yaml", configs / f"{workflow}.yaml", configs / f"{dataset}.yaml",
+             *(configs / e for e in extra)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing bundle config {missing[0]!r} (dataset {dataset!r})")
+    return [str(f) for f in files]
 
 
 def is_scan(path: str | os.PathLike) -> bool:

@@ -1,39 +1,36 @@
-"""Ignite handlers the training config attaches next to MONAI's own."""
+"""Ignite handlers the workflows attach next to MONAI's own: the last validation and the metrics file of
+training, and the per-case progress lines of inference."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ignite.engine import Engine, Events
 
-__all__ = ["ExtraValidation", "MetricsJSONWriter"]
+from scripts.inference import ERROR, NAME
+
+__all__ = ["FinalValidation", "MetricsJSONWriter", "ProgressReporter"]
 
 logger = logging.getLogger(__name__)
 
 
-class ExtraValidation:
-    """Validation outside MONAI's ``ValidationHandler`` schedule: before training (the baseline of the
-    untrained network) and after the last epoch when it is not a multiple of ``interval``."""
+class FinalValidation:
+    """Validation after the last epoch when it is not a multiple of ``interval`` (MONAI's ``ValidationHandler``
+    validates every ``interval`` epochs and, with ``exec_at_start``, before training; not at the end)."""
 
-    def __init__(self, validator, interval: int, at_start: bool = True, at_end: bool = True) -> None:
+    def __init__(self, validator, interval: int) -> None:
         self.validator = validator
         self.interval = interval
-        self.at_start = at_start
-        self.at_end = at_end
 
     def attach(self, trainer: Engine) -> None:
-        if self.at_start:
-            trainer.add_event_handler(Events.STARTED, self._start)
-        if self.at_end:
-            trainer.add_event_handler(Events.COMPLETED, self._end)
+        trainer.add_event_handler(Events.COMPLETED, self)
 
-    def _start(self, trainer: Engine) -> None:
-        self.validator.run(1)  # evaluator bookkeeping wants a positive epoch; the writer records epoch 0
-
-    def _end(self, trainer: Engine) -> None:
+    def __call__(self, trainer: Engine) -> None:
         # epochs that are multiples of the interval were validated already (early stopping also only
         # triggers right after such a validation)
         if trainer.state.epoch % self.interval != 0:
@@ -74,3 +71,45 @@ class MetricsJSONWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(records, indent=1) + "\n")
         logger.info("validation at epoch %d: %s", record["epoch"], {k: record[k] for k in self.names.values()})
+
+
+class ProgressReporter:
+    """Prints one line per case (name, seconds, what was written or why it failed) and a summary line."""
+
+    def __init__(self, total: int | None = None) -> None:
+        self.total = total
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._case_start)  # includes waiting for the loader
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._case_done)
+        engine.add_event_handler(Events.COMPLETED, self._summary)
+
+    def _start(self, engine: Engine) -> None:
+        self.done, self.failed, self.seconds, self.t0 = 0, [], [], time.perf_counter()
+        self.total = self.total or len(engine.data_loader)
+
+    def _case_start(self, engine: Engine) -> None:
+        self.case_t0 = time.perf_counter()
+
+    def _case_done(self, engine: Engine) -> None:
+        elapsed = time.perf_counter() - self.case_t0
+        batch, output = engine.state.batch, engine.state.output
+        batch, output = (batch, output) if isinstance(batch, list) else ([batch], [output])
+        for part, result in zip(batch, output):
+            item = {**part, **(result if isinstance(result, Mapping) else {})}
+            index = self.done + len(self.failed) + 1
+            if item.get(ERROR):
+                self.failed.append(item[NAME])
+                print(f"[{index}/{self.total}] {item[NAME]}: FAILED: {item[ERROR]}", flush=True)
+            else:
+                self.done += 1
+                self.seconds.append(elapsed)
+                extra = f" score {item['score']:.4f}" if "score" in item else ""
+                print(f"[{index}/{self.total}] {item[NAME]}: {elapsed:.1f} s{extra}", flush=True)
+
+    def _summary(self, engine: Engine) -> None:
+        per_case = sum(self.seconds) / len(self.seconds) if self.seconds else float("nan")
+        print(f"summary: {self.done} done, {len(self.failed)} failed, {per_case:.1f} s per case, "
+              f"{time.perf_counter() - self.t0:.1f} s in all" + (f"; failed: {self.failed}" if self.failed else ""),
+              flush=True)

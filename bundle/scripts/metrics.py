@@ -1,7 +1,8 @@
 """Anomaly-detection metrics: pixel- and sample-level average precision, memory-lean, as Ignite metrics.
 
 Average precision follows sklearn's definition, AP = sum_n (R_n - R_{n-1}) P_n over decreasing score
-thresholds, which MOOD's evaluation uses (REFERENCE.md section 1). Pixel AP over many 3D volumes is
+thresholds, which MOOD's evaluation uses (``sklearn.metrics.average_precision_score`` in the challenge's
+scripts/evalresults.py, github.com/MIC-DKFZ/mood; www.synapse.org/mood). Pixel AP over many 3D volumes is
 computed from per-bin counts of positive and negative voxels (scores quantised to ``bins`` levels in
 [0, 1]): exact for the quantised scores, constant memory however many voxels are seen.
 """
@@ -16,7 +17,6 @@ from ignite.metrics import Metric
 from sklearn.metrics import average_precision_score
 
 __all__ = [
-    "LossMetric",
     "PixelAveragePrecision",
     "SampleAveragePrecision",
     "average_precision_from_counts",
@@ -111,26 +111,3 @@ class SampleAveragePrecision(Metric):
         if labels.min(initial=1.0) == labels.max(initial=0.0):
             return 0.0  # AP is undefined without both normal and anomalous samples
         return float(average_precision_score(labels, scores))
-
-
-class LossMetric(Metric):
-    """Mean of ``loss_fn(prediction, label)`` over samples (works on decollated lists of tensors)."""
-
-    def __init__(self, loss_fn: Callable, output_transform: Callable = lambda x: x, device="cpu") -> None:
-        self.loss_fn = loss_fn
-        super().__init__(output_transform=output_transform, device=device)
-
-    def reset(self) -> None:
-        self._sum = torch.zeros((), dtype=torch.float64, device=self._device)
-        self._count = torch.zeros((), dtype=torch.float64, device=self._device)
-
-    def update(self, output: Sequence) -> None:
-        predictions, labels = output
-        for pred, label in zip(_as_list(predictions), _as_list(labels)):
-            with torch.no_grad():
-                self._sum += float(self.loss_fn(pred[None].float(), label[None].float()))
-            self._count += 1
-
-    def compute(self) -> float:
-        total, count = all_reduce(self._sum.clone()), all_reduce(self._count.clone())
-        return float(total / count) if float(count) > 0 else float("nan")

@@ -1,9 +1,11 @@
-"""Helpers the training config calls: cache and output folders, the per-fold record, and running all
-model folds of a cross-validation split one after another (or spread over the GPUs)."""
+"""Helpers the training config calls: the argument checks, the cache of preprocessed scans, the per-fold record,
+and running all model folds of a cross-validation split one after another (or spread over the GPUs), with the
+plan written once before they start."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import logging
@@ -18,10 +20,9 @@ import torch
 
 from scripts.data import CrossValidationSplit, model_folds
 from scripts.files import save_json
+from scripts.plans import ensure_plan
 
-__all__ = [
-    "cache_folder", "cached_scans", "check_output_dir", "save_fold_result", "save_training_settings", "train_folds"
-]
+__all__ = ["cache_folder", "cached_scans", "check_arguments", "save_fold_result", "train_folds"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,50 +45,54 @@ def cached_scans(scans, preprocessing, cache_dir: str | Path, dataset_dir: str |
                              cache_dir=cache_folder(cache_dir, dataset_dir), hash_transform=json_hashing)
 
 
-def check_output_dir(output_dir: str | Path, bundle_root: str | Path) -> None:
-    """Create the run folder; say so loudly when it is the bundle itself (shipped weights get replaced)."""
+def check_arguments(dataset_dir, output_dir, bundle_root) -> None:
+    """The checks before any work: the dataset folder is given, and the run folder exists (created), with a loud
+    warning when it is the bundle itself (the shipped weights get replaced)."""
+    if not dataset_dir:
+        raise ValueError("--dataset_dir is required: the folder of normal *.nii.gz / *.nii scans to train on")
+    if not output_dir:
+        raise ValueError("--output_dir is required: the run folder (models/, logs/, metrics.json)")
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     if output == Path(bundle_root).resolve():
         logger.warning("output_dir is the bundle root: this run replaces the shipped weights in %s/models", output)
 
 
-def save_training_settings(model_dir, fold: int, split: CrossValidationSplit, fingerprint: dict | None,
-                           spatial_size, normalisation: str, network_def) -> None:
-    """What inference and later readers need to know about this fold, written before training starts."""
-    model_dir = Path(model_dir)
-    if fingerprint is not None:
-        save_json(fingerprint, model_dir / "fingerprint.json")
+def _relative(scans, dataset_dir) -> list[str]:
+    """Scan paths as names relative to the dataset folder: a record never names the machine that trained it."""
+    root = Path(dataset_dir).resolve()
+    out = []
+    for scan in scans:
+        path = Path(scan).resolve()
+        out.append(str(path.relative_to(root)) if path.is_relative_to(root) else path.name)
+    return out
+
+
+def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
+                     network: torch.nn.Module) -> dict:
+    """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder) and its best validation
+    result. The setup the folds share is in the plan (``plans.json``)."""
+    split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
+    split_record["train_scans"] = _relative(split.train_scans, dataset_dir)
+    split_record["val_scans"] = _relative(split.val_scans, dataset_dir)
     record = {
         "fold": fold,
-        "split": {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()},
-        "spatial_size": list(spatial_size),
-        "normalisation": normalisation,
-        "network": type(network_def).__name__,
-        "parameters": sum(p.numel() for p in network_def.parameters()),
-    }
-    save_json(record, model_dir / f"fold_{fold}.json")
-
-
-def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, evaluator, key_metric: str) -> dict:
-    """Add the best validation result of the run to ``fold_<k>.json``."""
-    path = Path(model_dir) / f"fold_{fold}.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"fold": fold}
-    record.update({
+        "split": split_record,
+        "parameters": sum(p.numel() for p in network.parameters()),
         "key_metric": key_metric,
         "best_metric": float(evaluator.state.best_metric),
         "best_metric_epoch": int(evaluator.state.best_metric_epoch),
         "train_tasks": list(split.train_tasks),
         "val_tasks": list(split.val_tasks),
         "checkpoint": f"fold_{fold}.pt",
-    })
-    save_json(record, path)
+    }
+    save_json(record, Path(model_dir) / f"fold_{fold}.json")
     return record
 
 
 def _fold_command(fold: int, config_files: list[str], overrides: list[str], bundle_root: str) -> list[str]:
     return [
-        sys.executable, "-m", "monai.bundle", "run", "training",
+        sys.executable, "-m", "monai.bundle", "run",
         "--meta_file", str(Path(bundle_root) / "configs" / "metadata.json"),
         "--bundle_root", bundle_root,
         "--config_file", repr(config_files),
@@ -96,13 +101,50 @@ def _fold_command(fold: int, config_files: list[str], overrides: list[str], bund
     ]
 
 
-def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1, dataset: str | None = None,
+def _parse_overrides(overrides: list[str]) -> dict:
+    """``--key value`` / ``--key=value`` command-line overrides as MONAI's CLI (python-fire) reads them: Python
+    literals where they parse, strings otherwise."""
+    parsed, items = {}, list(overrides)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--"):
+            raise ValueError(f"expected --key value, got {flag!r}")
+        key, _, value = flag[2:].partition("=")
+        if not _:
+            if not items:
+                raise ValueError(f"{flag} has no value")
+            value = items.pop(0)
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed[key] = value
+    return parsed
+
+
+def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) -> tuple[str, Path]:
+    """Make the plan of the run from its configs and overrides and write it once, before any fold starts (the
+    folds then find it and only check it). Returns ``(dataset_name, models folder)``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_meta(str(Path(bundle_root) / "configs" / "metadata.json"))
+    parser.read_config(config_files)
+    parser.update({"bundle_root": bundle_root, **_parse_overrides(overrides)})
+    parser.get_parsed_content("initialize")
+    model_dir = Path(parser.get_parsed_content("model_dir"))
+    ensure_plan(model_dir, parser.get_parsed_content("plan"))
+    return str(parser.get_parsed_content("dataset_name")), model_dir
+
+
+def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1,
                 overrides: list[str] | None = None, bundle_root: str = "bundle", gpus: int | None = None,
                 folds: list[int] | None = None) -> dict:
-    """Train every model fold of a split (one process per fold, spread over the GPUs when there are
-    several) and write ``<output_dir>/models/<dataset>/summary.json`` with each fold's validation result."""
+    """Write the plan, then train every model fold of a split (one process per fold, spread over the GPUs when
+    there are several) and write ``<output_dir>/models/<dataset>/summary.json`` with each fold's validation
+    result."""
     overrides = list(overrides or []) + ["--output_dir", output_dir, "--num_train_tasks", str(num_train_tasks)]
     folds = list(range(len(model_folds(num_train_tasks)))) if folds is None else folds
+    dataset, model_dir = write_plan(config_files, overrides, bundle_root)
     gpus = torch.cuda.device_count() if gpus is None else gpus
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(bundle_root).resolve()), env.get("PYTHONPATH")]))
@@ -120,8 +162,6 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     with ThreadPoolExecutor(max_workers=max(1, gpus)) as pool:
         outcomes = list(pool.map(run, range(len(folds))))
     failed = [fold for fold, code, _ in outcomes if code != 0]
-    dataset = dataset or _dataset_of(config_files)
-    model_dir = Path(output_dir) / "models" / dataset
     records = []
     for fold, code, seconds in outcomes:
         path = model_dir / f"fold_{fold}.json"
@@ -141,17 +181,10 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     return summary
 
 
-def _dataset_of(config_files: list[str]) -> str:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    return str(parser["dataset"])
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Train all model folds of a cross-validation split.")
-    parser.add_argument("--config_file", nargs="+", required=True, help="train.yaml and a dataset overlay")
+    parser.add_argument("--config_file", nargs="+", required=True,
+                        help="common.yaml, train.yaml and a dataset overlay")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_train_tasks", type=int, default=1)
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="default: all folds of the split")

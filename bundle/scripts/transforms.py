@@ -1,4 +1,5 @@
-"""MONAI dictionary transforms that wrap the synthetic-anomaly engine for bundle configs."""
+"""MONAI transforms for the bundle configs: preprocessing (array + dictionary pairs, as in
+``monai.transforms.intensity``) and the synthetic-anomaly transform ``RandSyntheticAnomalyd``."""
 
 from __future__ import annotations
 
@@ -6,22 +7,205 @@ import json
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, Transform
-from monai.utils import convert_to_dst_type
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
 
-__all__ = ["FiniteIntensityd", "ForegroundMaskd", "NormaliseIntensityd", "RandSyntheticAnomalyd"]
+__all__ = [
+    "FiniteIntensity",
+    "FiniteIntensityd",
+    "IntensityForeground",
+    "IntensityForegroundd",
+    "NormaliseIntensity",
+    "NormaliseIntensityd",
+    "RandSyntheticAnomalyd",
+]
 
 NO_ANOMALY = "none"
 
 
-class RandSyntheticAnomalyd(Randomizable, MapTransform):
-    """Add 1 to 4 synthetic anomalies of one randomly chosen task and write their soft label map.
+def _tensor(value: NdarrayOrTensor, device: torch.device | None = None) -> torch.Tensor:
+    """``value`` as a plain torch tensor (MetaTensor metadata dropped), as MONAI's ``convert_to_tensor``."""
+    return convert_to_tensor(value, track_meta=False, device=device)
+
+
+def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
+    """A regular subsample of at most about ``limit`` values of ``image``, for order statistics."""
+    step = max(1, int(round((image.numel() / limit) ** (1.0 / max(image.ndim - 1, 1)))))
+    return image[(slice(None), *([slice(None, None, step)] * (image.ndim - 1)))].reshape(-1)
+
+
+class FiniteIntensity(Transform):
+    """Replace NaN by the lowest finite intensity (background) and +-Inf by the highest / lowest finite one,
+    so that a scan with a few broken voxels is still scored (as ``torch.nan_to_num`` with data-derived
+    values). An image without any finite voxel becomes all zeros; an all-finite image is returned as is.
+    A repaired image is float32, of the input's type (numpy, torch or MetaTensor with its metadata)."""
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        values = _tensor(img)
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return img
+        if bool(finite.any()):
+            low, high = float(values[finite].min()), float(values[finite].max())
+        else:
+            low = high = 0.0
+        fixed = torch.nan_to_num(values.float(), nan=low, posinf=high, neginf=low)
+        return convert_to_dst_type(fixed, img, dtype=fixed.dtype)[0]
+
+
+class FiniteIntensityd(MapTransform):
+    """Dictionary wrapper of :class:`FiniteIntensity`."""
+
+    backend = FiniteIntensity.backend
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.finite = FiniteIntensity()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.finite(d[key])
+        return d
+
+
+class IntensityForeground(Transform):
+    """Foreground mask by a data-relative threshold: voxels above ``min + fraction * (p99 - min)`` in any
+    channel.
+
+    The threshold sits between the background (the image's minimum: 0 in MRI, air in CT) and the bright end
+    of the intensities, so it needs no modality-specific constant and works in any unit. Unlike MONAI's
+    Otsu-based ``ForegroundMask`` it needs no histogram fit. Returns a boolean mask (1, *spatial) of the
+    input's type; an image without such voxels gets an all-true mask.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, fraction: float = 0.1) -> None:
+        self.fraction = fraction
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        image = _tensor(img).float()
+        values = _strided_values(image)
+        values = values[torch.isfinite(values)]
+        if values.numel() == 0:
+            mask = torch.ones(image.shape[1:], dtype=torch.bool, device=image.device)
+        else:
+            low = values.min()
+            high = values.kthvalue(max(1, int(0.99 * values.numel()))).values
+            mask = (image > low + self.fraction * (high - low)).any(dim=0)
+            if not bool(mask.any()):
+                mask = torch.ones_like(mask)
+        return convert_to_dst_type(mask[None], img, dtype=torch.bool)[0]
+
+
+class IntensityForegroundd(MapTransform):
+    """Dictionary wrapper of :class:`IntensityForeground`: the mask of the image at ``keys`` (one key; stack
+    modalities as channels) is written to ``foreground_key``."""
+
+    backend = IntensityForeground.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        foreground_key: str = "foreground",
+        fraction: float = 0.1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(
+                f"IntensityForegroundd takes one image key (stack modalities as channels), got {self.keys}"
+            )
+        self.foreground_key = foreground_key
+        self.foreground = IntensityForeground(fraction)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.foreground_key] = self.foreground(d[key])
+        return d
+
+
+class NormaliseIntensity(Transform):
+    """Intensity normalisation for MRI and CT, from the scan or from the training data.
+
+    ``mode="zscore"`` (MRI, as in Baugh et al., "Many tasks make light work", MICCAI 2023): subtract the mean
+    and divide by the standard deviation of the scan's own foreground (``mask`` of ``__call__``; the whole
+    image without one). ``mode="fingerprint"`` (CT, as nnU-Net: Isensee et al., Nature Methods 2021): clip to
+    the training data's foreground 0.5 and 99.5 percentiles and standardise with its mean and standard
+    deviation, all read from ``fingerprint`` (a dict or a JSON file written by training). Both are derived
+    from data, so CT in Hounsfield units and CT rescaled to [0, 1] come out alike. Returns float32 of the
+    input's type.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, mode: str = "zscore", fingerprint: Mapping | str | Path | None = None) -> None:
+        if mode not in ("zscore", "fingerprint"):
+            raise ValueError(f"mode must be 'zscore' or 'fingerprint', got {mode!r}")
+        if mode == "fingerprint":
+            if fingerprint is None:
+                raise ValueError("mode='fingerprint' needs the training data's fingerprint (dict or JSON path)")
+            if not isinstance(fingerprint, Mapping):
+                fingerprint = json.loads(Path(fingerprint).read_text())
+        self.mode = mode
+        self.fingerprint = fingerprint
+
+    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
+        """``mask``: the foreground (spatial shape, channel-first or not), used by ``zscore`` only."""
+        values = _tensor(img).float()
+        if self.mode == "fingerprint":
+            fp = self.fingerprint
+            values = values.clamp(fp["percentile_00_5"], fp["percentile_99_5"])
+            out = (values - fp["mean"]) / max(fp["std"], 1e-8)
+        else:
+            spatial = values.shape[1:]
+            fg = (
+                _tensor(mask, device=values.device).bool().reshape(spatial)
+                if mask is not None else torch.ones(spatial, dtype=torch.bool, device=values.device)
+            )
+            selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
+            std = float(selected.std()) if selected.numel() > 1 else 0.0
+            out = (values - selected.mean()) / (std if std > 1e-8 else 1.0)
+        return convert_to_dst_type(out, img, dtype=torch.float32)[0]
+
+
+class NormaliseIntensityd(MapTransform):
+    """Dictionary wrapper of :class:`NormaliseIntensity`; ``zscore`` reads the mask from ``foreground_key``
+    of the same dict (the whole image when that key is None or absent)."""
+
+    backend = NormaliseIntensity.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        foreground_key: str | None = "foreground",
+        mode: str = "zscore",
+        fingerprint: Mapping | str | Path | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.foreground_key = foreground_key
+        self.normaliser = NormaliseIntensity(mode, fingerprint)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        mask = d.get(self.foreground_key) if self.foreground_key is not None else None
+        for key in self.key_iterator(d):
+            d[key] = self.normaliser(d[key], mask=mask)
+        return d
+
+
+class RandSyntheticAnomalyd(RandomizableTransform, MapTransform):
+    """Add 1 to 4 synthetic anomalies of one randomly chosen task and write their soft label map
+    (the self-supervised tasks of Baugh et al., "Many tasks make light work", MICCAI 2023).
 
     Args:
         keys: the image key (one key; stack modalities as channels).
@@ -32,16 +216,20 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
         label_key: where the label map (1, *spatial) in [0, 1] is written.
         foreign_key: a scan of another dataset for ``poisson_inter``; None skips that task.
         tasks: names from ``scripts.anomalies.TASKS`` to choose from (default: all available).
-        prob: probability that a sample gets anomalies at all; otherwise its label is all zeros.
+        prob: probability that a sample gets anomalies at all (``RandomizableTransform``); otherwise its
+            label is all zeros.
         task_key: where the chosen task's name (or ``"none"``) is written, for per-task validation.
         sigma, max_anomalies, continue_probability, min_overlap, interpolation_label: engine settings,
             see ``scripts.anomalies.synthesize``.
+        allow_missing_keys: return the data unchanged when the image key is absent.
 
-    Randomness comes only from ``self.R`` in ``randomize()`` (the task and a seed for the engine's
-    ``torch.Generator``), so ``set_random_state(seed)`` reproduces the output bit for bit. Numpy, torch and
-    MetaTensor inputs are accepted; the outputs have the input's type, and MetaTensor metadata is kept on
-    both the image and the label.
+    Randomness comes only from ``self.R`` in ``randomize()`` (whether to apply, the task and a seed for the
+    engine's ``torch.Generator``), so ``set_random_state(seed)`` reproduces the output bit for bit. Numpy,
+    torch and MetaTensor inputs are accepted; the outputs have the input's type, and MetaTensor metadata is
+    kept on both the image and the label.
     """
+
+    backend = [TransformBackends.TORCH]
 
     def __init__(
         self,
@@ -77,12 +265,12 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
             raise ValueError("no task left: the chosen tasks need a partner_key/foreign_key that is not set")
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
+        RandomizableTransform.__init__(self, prob)
         self.tasks = tasks
         self.partner_key = partner_key
         self.foreground_key = foreground_key
         self.label_key = label_key
         self.foreign_key = foreign_key
-        self.prob = prob
         self.task_key = task_key
         self.engine_kwargs = dict(
             sigma=sigma,
@@ -99,20 +287,23 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
         return [t for t in self.tasks if have[TASK_NEEDS[t]]]
 
     def randomize(self, data: Sequence[str] | None = None) -> None:
-        """Choose the task (or none, with probability 1 - prob) and the engine's seed from ``self.R``."""
+        """Draw whether to apply (probability ``prob``), the task among ``data`` (default: all of
+        ``self.tasks``) and the engine's seed, all from ``self.R``."""
+        super().randomize(None)
         candidates = list(data) if data is not None else self.tasks
-        apply = self.R.random_sample() < self.prob
-        self._task = candidates[self.R.randint(len(candidates))] if apply and candidates else NO_ANOMALY
+        self._task = candidates[self.R.randint(len(candidates))] if self._do_transform and candidates else NO_ANOMALY
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
-        key = self.first_key(d)
-        if key == []:  # allow_missing_keys and the image is absent
-            return d
+        for key in self.key_iterator(d):  # one key; none when allow_missing_keys and the image is absent
+            self._apply(d, key)
+        return d
+
+    def _apply(self, d: dict, key: Hashable) -> None:
         self.randomize(self._available_tasks(d))
         image = d[key]
-        image_t = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image)
+        image_t = _tensor(image)
         if not image_t.is_floating_point():
             image_t = image_t.float()
 
@@ -125,150 +316,31 @@ class RandSyntheticAnomalyd(Randomizable, MapTransform):
                 image_t,
                 gen,
                 self._task,
-                foreground=self._tensor(d.get(self.foreground_key), image_t, spatial_only=True),
-                partner=self._tensor(d.get(self.partner_key), image_t),
-                foreign=self._tensor(d.get(self.foreign_key), image_t),
+                foreground=self._foreground(d.get(self.foreground_key), image_t),
+                partner=self._other(d.get(self.partner_key), image_t),
+                foreign=self._other(d.get(self.foreign_key), image_t),
                 **self.engine_kwargs,
             )
-        d[key] = self._like(out, image)
-        d[self.label_key] = self._like(label, image)
+        d[key] = convert_to_dst_type(out, image, dtype=out.dtype)[0]
+        d[self.label_key] = convert_to_dst_type(label, image, dtype=label.dtype)[0]
         if self.task_key is not None:
             d[self.task_key] = self._task
-        return d
 
     @staticmethod
-    def _tensor(value, image: torch.Tensor, spatial_only: bool = False) -> torch.Tensor | None:
+    def _other(value: NdarrayOrTensor | None, image: torch.Tensor) -> torch.Tensor | None:
+        return None if value is None else _tensor(value, device=image.device)
+
+    @staticmethod
+    def _foreground(value: NdarrayOrTensor | None, image: torch.Tensor) -> torch.Tensor | None:
         if value is None:
             return None
-        t = torch.as_tensor(value.as_tensor() if isinstance(value, MetaTensor) else value).to(image.device)
-        if spatial_only:
-            spatial = tuple(image.shape[1:])
-            if tuple(t.shape) != spatial:
-                if t.ndim == len(spatial) + 1 and t.shape[0] == 1:
-                    t = t[0]
-                else:
-                    raise ValueError(
-                        f"foreground shape {tuple(t.shape)} does not match the image's spatial shape {spatial}"
-                    )
-            return t.bool()
-        return t
-
-    @staticmethod
-    def _like(result: torch.Tensor, reference):
-        """``result`` as the type of ``reference``: numpy, torch, or a MetaTensor carrying its metadata."""
-        if isinstance(reference, MetaTensor):
-            return MetaTensor(result, meta=reference.meta, applied_operations=list(reference.applied_operations))
-        if isinstance(reference, np.ndarray):
-            return result.cpu().numpy()
-        return convert_to_dst_type(result, reference, dtype=result.dtype)[0]
-
-
-def _as_tensor(value) -> torch.Tensor:
-    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
-
-
-def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
-    """A regular subsample of at most about ``limit`` values of ``image``, for order statistics."""
-    step = max(1, int(round((image.numel() / limit) ** (1.0 / max(image.ndim - 1, 1)))))
-    return image[(slice(None), *([slice(None, None, step)] * (image.ndim - 1)))].reshape(-1)
-
-
-class FiniteIntensityd(Transform):
-    """Replace NaN by the lowest finite intensity (background) and +-Inf by the highest / lowest finite
-    one, so that a scan with a few broken voxels is still scored. An image without any finite voxel
-    becomes all zeros."""
-
-    def __init__(self, keys: str = "image") -> None:
-        self.key = keys
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image = d[self.key]
-        values = _as_tensor(image)
-        finite = torch.isfinite(values)
-        if bool(finite.all()):
-            return d
-        if bool(finite.any()):
-            low, high = float(values[finite].min()), float(values[finite].max())
-        else:
-            low = high = 0.0
-        fixed = torch.nan_to_num(values.float(), nan=low, posinf=high, neginf=low)
-        d[self.key] = convert_to_dst_type(fixed, image, dtype=fixed.dtype)[0]
-        return d
-
-
-class ForegroundMaskd(Transform):
-    """Foreground mask by a data-relative threshold: voxels above ``min + fraction * (p99 - min)``.
-
-    The threshold sits between the background (the image's minimum: 0 in MRI, air in CT) and the bright end
-    of the intensities, so it needs no modality-specific constant and works in any unit. Writes a boolean
-    mask (1, *spatial) to ``foreground_key``; an image without such voxels gets an all-true mask.
-    """
-
-    def __init__(self, keys: str = "image", foreground_key: str = "foreground", fraction: float = 0.1) -> None:
-        self.key = keys
-        self.foreground_key = foreground_key
-        self.fraction = fraction
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image = _as_tensor(d[self.key]).float()
-        values = _strided_values(image)
-        values = values[torch.isfinite(values)]
-        if values.numel() == 0:
-            mask = torch.ones(image.shape[1:], dtype=torch.bool)
-        else:
-            low = values.min()
-            high = values.kthvalue(max(1, int(0.99 * values.numel()))).values
-            mask = (image > low + self.fraction * (high - low)).any(dim=0)
-            if not bool(mask.any()):
-                mask = torch.ones_like(mask)
-        d[self.foreground_key] = mask[None]
-        return d
-
-
-class NormaliseIntensityd(Transform):
-    """Intensity normalisation for MRI and CT, from the scan or from the training data.
-
-    ``mode="zscore"`` (MRI, as in the paper): subtract the mean and divide by the standard deviation of the
-    scan's own foreground. ``mode="fingerprint"`` (CT, as nnU-Net): clip to the training data's foreground
-    0.5 and 99.5 percentiles and standardise with its mean and standard deviation, all read from
-    ``fingerprint`` (a dict or a JSON file written by training). Both are derived from data, so CT in
-    Hounsfield units and CT rescaled to [0, 1] come out alike.
-    """
-
-    def __init__(
-        self, keys: str = "image", foreground_key: str = "foreground", mode: str = "zscore",
-        fingerprint: dict | str | Path | None = None,
-    ) -> None:
-        if mode not in ("zscore", "fingerprint"):
-            raise ValueError(f"mode must be 'zscore' or 'fingerprint', got {mode!r}")
-        if mode == "fingerprint":
-            if fingerprint is None:
-                raise ValueError("mode='fingerprint' needs the training data's fingerprint (dict or JSON path)")
-            if not isinstance(fingerprint, Mapping):
-                fingerprint = json.loads(Path(fingerprint).read_text())
-        self.key = keys
-        self.foreground_key = foreground_key
-        self.mode = mode
-        self.fingerprint = fingerprint
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image = d[self.key]
-        values = _as_tensor(image).float()
-        if self.mode == "fingerprint":
-            fp = self.fingerprint
-            values = values.clamp(fp["percentile_00_5"], fp["percentile_99_5"])
-            out = (values - fp["mean"]) / max(fp["std"], 1e-8)
-        else:
-            foreground = d.get(self.foreground_key)
-            mask = (
-                _as_tensor(foreground).bool().reshape(values.shape[1:])
-                if foreground is not None else torch.ones(values.shape[1:], dtype=torch.bool)
-            )
-            selected = values[:, mask] if bool(mask.any()) else values.reshape(values.shape[0], -1)
-            std = float(selected.std()) if selected.numel() > 1 else 0.0
-            out = (values - selected.mean()) / (std if std > 1e-8 else 1.0)
-        d[self.key] = convert_to_dst_type(out, image, dtype=torch.float32)[0]  # keeps MetaTensor metadata
-        return d
+        t = _tensor(value, device=image.device)
+        spatial = tuple(image.shape[1:])
+        if tuple(t.shape) != spatial:
+            if t.ndim == len(spatial) + 1 and t.shape[0] == 1:
+                t = t[0]
+            else:
+                raise ValueError(
+                    f"foreground shape {tuple(t.shape)} does not match the image's spatial shape {spatial}"
+                )
+        return t.bool()

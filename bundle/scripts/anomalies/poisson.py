@@ -4,7 +4,8 @@ Poisson image editing (Perez et al. 2003) finds the image ``f`` inside a region 
 target on the region's border and whose gradients follow a guidance field ``v`` (the source's
 gradients, or per dimension the stronger of source and target gradients when mixing). Over an
 axis-aligned box the discrete Laplacian with Dirichlet boundary is diagonalised by the DST-I, so the
-solve is exact and direct (Morel et al. 2012; "Many tasks make light work", REFERENCE.md section 4):
+solve is exact and direct (Morel et al. 2012; Baugh et al., "Many tasks make light work", MICCAI 2023,
+arXiv:2307.13986):
 
 1. guidance: forward differences of source and target along every axis; edges touching the mask take
    the source's (or the stronger) gradient, all other edges the target's;

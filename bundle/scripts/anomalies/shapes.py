@@ -1,6 +1,6 @@
 """Random anomaly shapes: hyper-ellipsoids and hyper-rectangles, sized, sheared and rotated in N-D.
 
-Recipe of "Many tasks make light work" (REFERENCE.md section 4): per-axis size
+Recipe of "Many tasks make light work" (Baugh et al., MICCAI 2023, arXiv:2307.13986): per-axis size
 ``(0.03 + Gamma(2, 0.1)) * dim`` clipped to ``[0.06, 0.8] * dim``; shear ``N(0, 0.2)``; a rotation
 ``U(-pi/2, pi/2)`` in every axis pair; placed so that at least half of the shape lies in the foreground.
 

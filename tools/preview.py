@@ -2,14 +2,14 @@
 
 Run::
 
-    PYTHONPATH=bundle python -m scripts.preview --output-dir DIR [--size 128] [--seed 0]
+    PYTHONPATH=bundle:. python -m tools.preview --output_dir DIR [--size 128] [--seed 0]
 
 Datasets:
 
 - ``brain``: the MNI152 T1 template (z-scored over the brain); its partner scan (``fpi``,
-  ``poisson_intra``) is a deformed, re-contrasted copy (:func:`scripts.phantoms.brain_partner`) and its
+  ``poisson_intra``) is a deformed, re-contrasted copy (:func:`tools.phantoms.brain_partner`) and its
   foreign scan (``poisson_inter``) the CT phantom, z-scored over the body.
-- ``ct``: the abdominal CT phantom in Hounsfield units; partner = the phantom with another seed,
+- ``abdom``: the abdominal CT phantom in Hounsfield units; partner = the phantom with another seed,
   foreign = the brain.
 
 Each figure is a 3x3 grid: rows before / after / label, columns three orthogonal slices (sagittal, coronal,
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
-from scripts.phantoms import brain_partner, ct_phantom, mni152_brain, zscore
+from tools.phantoms import brain_partner, ct_phantom, mni152_brain, zscore
 
 __all__ = [
     "CT_WINDOW",
@@ -40,7 +40,7 @@ __all__ = [
     "write_previews",
 ]
 
-DATASETS = ("brain", "ct")
+DATASETS = ("brain", "abdom")
 # Fixed grey window for CT: soft tissue, W400 / L40.
 CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)
 # A preview shows the first draw whose label exceeds 0.5 on this fraction of the volume, inside the
@@ -67,7 +67,7 @@ def load_dataset(name: str, size: int = 128, seed: int = 0,
         if "foreign" in need:
             ct, ct_fg = ct_phantom(size, seed)
             out["foreign"], out["foreign_foreground"] = zscore(ct, ct_fg), ct_fg
-    elif name == "ct":
+    elif name == "abdom":
         image, fg = ct_phantom(size, seed)
         out.update(image=image, foreground=fg, window=CT_WINDOW)
         if "partner" in need:
@@ -214,7 +214,7 @@ def write_previews(output_dir: str | Path, size: int = 128, seed: int = 0, datas
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, type=Path, help="where the PNGs go")
+    parser.add_argument("--output_dir", required=True, type=Path, help="where the PNGs go")
     parser.add_argument("--size", type=int, default=128, help="side of the cubic volumes (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the volumes and the anomalies")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)

@@ -1,8 +1,8 @@
 """The one-command demo: toy MOOD data, the four run scripts with the shipped weights, evaluation, report.
 
-    make demo        (PYTHONPATH=bundle python -m scripts.demo [--output-dir outputs/demo] [--size 96] [--cases 6])
+    make demo        (PYTHONPATH=bundle:. python -m tools.demo [--output_dir outputs/demo] [--size 96] [--cases 6])
 
-Writes a small toy set in the MOOD layout (``scripts.toy_data``: test anomalies of kinds the training never
+Writes a small toy set in the MOOD layout (``tools.toy_data``: test anomalies of kinds the training never
 made), runs ``docker/run_{pixel,sample}_{brain,abdom}.sh`` on it exactly as the challenge would (from this
 checkout, with the weights in ``bundle/models``), evaluates both tasks with MOOD's semantics, writes one
 self-contained HTML report and prints ``report: <path>`` as its last line.
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from scripts.evaluate import evaluate
-from scripts.report import write_report
-from scripts.toy_data import write_toy_dataset
+from tools.report import write_report
+from tools.toy_data import write_toy_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("brain", "abdom")
 
 
@@ -73,7 +73,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", size: int = 96, cases: int
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--size", type=int, default=96, help="side of the toy volumes (MOOD: 256 brain, 512 abdomen)")
     parser.add_argument("--cases", type=int, default=6, help="toy test cases per dataset (half normal)")
     parser.add_argument("--seed", type=int, default=0)

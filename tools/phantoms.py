@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     parser = argparse.ArgumentParser(description="Write toy normal scans (no download needed).")
     parser.add_argument("--dataset", choices=("brain", "abdom"), required=True)
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output_dir", required=True)
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

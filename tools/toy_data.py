@@ -1,6 +1,7 @@
 """MOOD-layout toy data, generated offline (nothing is downloaded).
 
-Writes, for each dataset (``brain``, ``abdom``), the folder layout of the MOOD challenge (REFERENCE.md section 1)::
+Writes, for each dataset (``brain``, ``abdom``), the folder layout of the MOOD challenge
+(its evaluation code, github.com/MIC-DKFZ/mood)::
 
     <root>/<dataset>/<dataset>_train/00000.nii.gz ...        normal training scans
     <root>/<dataset>/toy/toy_<i>.nii.gz                      toy test scans (about half of them normal)
@@ -9,9 +10,9 @@ Writes, for each dataset (``brain``, ``abdom``), the folder layout of the MOOD c
     <root>/<dataset>/toy_label/anomalies.json                per case: kinds ("normal" or anomaly kinds), boxes
 
 Brain scans are T2-like (CSF bright, grey matter brighter than white matter), composed from the MNI152 tissue
-maps nilearn ships (:func:`scripts.phantoms.mni152_tissues`), each subject deformed by a smooth random elastic
+maps nilearn ships (:func:`tools.phantoms.mni152_tissues`), each subject deformed by a smooth random elastic
 field, with its own tissue contrast, gamma, bias field and Rician-like noise; float32 in [0, 1], zero
-background, 256 / size mm isotropic voxels. Abdominal scans are :func:`scripts.phantoms.ct_phantom` volumes
+background, 256 / size mm isotropic voxels. Abdominal scans are :func:`tools.phantoms.ct_phantom` volumes
 (int16 Hounsfield units, 384 / size mm voxels), generated at half size and repeated x2 above 256.
 
 The toy anomalies are deliberately unlike the self-supervised training tasks (patch interpolation, Poisson
@@ -19,7 +20,7 @@ blending, sink/source deformation, smooth intensity change): lesion-like ``tumou
 and artificial ``foreign_object``, ``noise_patch`` and ``missing_slab``. The pixel label of a case is
 ``anomalous != normal``, so it holds exactly the voxels that changed.
 
-CLI: ``PYTHONPATH=bundle python -m scripts.toy_data --output-dir DIR [--datasets brain abdom] [--size N]
+CLI: ``PYTHONPATH=bundle:. python -m tools.toy_data --output_dir DIR [--datasets brain abdom] [--size N]
 [--train N] [--toy N] [--seed S]``.
 """
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.phantoms import _smooth_field, ct_phantom, mni152_tissues
+from tools.phantoms import _smooth_field, ct_phantom, mni152_tissues
 
 __all__ = [
     "ANOMALY_KINDS", "DEFAULT_SIZE", "apply_anomaly", "brain_scan", "abdom_scan", "normal_scan", "toy_case",
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description="Write MOOD-layout toy data (normal training scans and toy "
                                                  "test cases with labels); nothing is downloaded.")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output_dir", required=True)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--size", type=int, default=None, help="cube side (default: 256 brain, 512 abdomen)")
     parser.add_argument("--train", type=int, default=20, help="normal training scans per dataset")

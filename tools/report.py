@@ -2,10 +2,10 @@
 
 Run::
 
-    PYTHONPATH=bundle python -m scripts.report --data_dir DATA [--pixel_dir P] [--sample_dir S] --output_dir OUT \\
+    PYTHONPATH=bundle:. python -m tools.report --data_dir DATA [--pixel_dir P] [--sample_dir S] --output_dir OUT \\
         [--title T] [--seconds_per_case SEC] [--cases_dir_name toy]
 
-``DATA`` is one dataset folder as :mod:`scripts.toy_data` writes it (``toy/``, ``toy_label/pixel``,
+``DATA`` is one dataset folder as :mod:`tools.toy_data` writes it (``toy/``, ``toy_label/pixel``,
 ``toy_label/sample``, optionally ``toy_label/anomalies.json``); ``P`` holds ``<case>.nii.gz`` anomaly maps and
 ``S`` ``<case>.nii.gz.txt`` scores, as the MOOD run scripts write them. The report (``OUT/report.html``) holds:
 

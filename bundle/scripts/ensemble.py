@@ -1,0 +1,108 @@
+"""The fold ensemble: every fold model of a dataset, loaded from its state dict (into the network the plan
+defines) or from its TorchScript or ONNX export, averaged as anomaly probabilities."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+
+from scripts.files import MODEL_SUFFIXES
+from scripts.plans import PLAN_FILE
+
+__all__ = ["Ensemble", "OnnxNetwork", "load_ensemble", "model_files"]
+
+logger = logging.getLogger(__name__)
+
+
+class Ensemble(torch.nn.Module):
+    """Mean of the sigmoid outputs of the fold models: anomaly probabilities in [0, 1]."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if not networks:
+            raise ValueError("an ensemble needs at least one network")
+        self.networks = torch.nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for network in self.networks:
+            p = torch.sigmoid(network(x).float())
+            total = p if total is None else total + p
+        return total / len(self.networks)
+
+
+def model_files(models_dir: str | Path, dataset: str, model_format: str = "pytorch") -> list[Path]:
+    """The fold models ``models_dir/<dataset>/fold_<k><suffix>`` of ``model_format``, in fold order."""
+    if model_format not in MODEL_SUFFIXES:
+        raise ValueError(f"model_format must be one of {sorted(MODEL_SUFFIXES)}, got {model_format!r}")
+    suffix = MODEL_SUFFIXES[model_format]
+    folder = Path(models_dir) / dataset
+    files = sorted(folder.glob(f"fold_*{suffix}"), key=lambda p: (len(p.name), p.name))
+    if not files:
+        what = "trained models" if model_format == "pytorch" else f"{model_format} exports of the models"
+        hint = ("train with 'make train' or pass --models_dir <run folder>/models" if model_format == "pytorch"
+                else f"export the state dicts with 'make export MODELS={models_dir}'")
+        raise FileNotFoundError(f"no {what} for {dataset!r}: no fold_<k>{suffix} in {str(folder)!r}; {hint}")
+    return files
+
+
+class OnnxNetwork(torch.nn.Module):
+    """One exported fold run by onnxruntime, behind the ``nn.Module`` interface the ensemble expects.
+
+    Uses the CUDA execution provider when ``device`` is a GPU and onnxruntime has it, else the CPU one."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        import onnxruntime
+
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.path = str(path)
+        self.session = onnxruntime.InferenceSession(self.path, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+        (out,) = self.session.run(None, {self.input_name: plain.detach().float().cpu().numpy()})
+        out = torch.from_numpy(out).to(x.device)
+        if isinstance(x, MetaTensor):  # keep the input's metadata, as torch layers do, for Invertd downstream
+            out = MetaTensor(out)
+            out.copy_meta_from(x)
+        return out
+
+
+def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, device) -> torch.nn.Module:
+    if model_format == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    if model_format == "onnx":
+        return OnnxNetwork(path, device)
+    network = copy.deepcopy(network_def)
+    try:
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:
+        raise ValueError(
+            f"model {str(path)!r} does not fit the network of its folder's {PLAN_FILE} (was it trained into another "
+            f"folder, or its plan replaced?): {err}"
+        ) from err
+    return network
+
+
+def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset: str, device,
+                  model_format: str = "pytorch") -> Ensemble:
+    """Every fold model of ``models_dir/<dataset>`` as one :class:`Ensemble` in eval mode on ``device``:
+    plain state dicts ``fold_<k>.pt`` loaded into copies of ``network_def`` (``model_format='pytorch'``), or
+    their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime)."""
+    networks = []
+    for path in model_files(models_dir, dataset, model_format):
+        state_dict = path.with_suffix(MODEL_SUFFIXES["pytorch"])
+        if model_format != "pytorch" and state_dict.is_file() and state_dict.stat().st_mtime > path.stat().st_mtime:
+            logger.warning("%s is older than %s: re-export with 'make export'", path, state_dict.name)
+        networks.append(_load_fold(network_def, path, model_format, device))
+    logger.info("ensemble of %d %s fold models from %s", len(networks), model_format, Path(models_dir) / dataset)
+    return Ensemble(networks).to(device).eval()

@@ -1,0 +1,306 @@
+"""The plan of a trained model: one record per dataset, next to the fold weights (``models/<dataset>/plans.json``),
+that says everything a consumer needs to rebuild the network and the preprocessing: the network definition, the
+working grid, the foreground threshold, the intensity normalisation and its statistics, the cross-validation split,
+the sample-score aggregation, and the versions it was made with.
+
+After nnU-Net's ``plans.json`` (Isensee et al. 2021, nnU-Net, Nature Methods; nnunetv2/experiment_planning): the
+plan is written once before the folds train and read by training and prediction alike. Inference, the exports,
+the MONAI Deploy app and the benchmarks build everything from it, so a model trained with other settings (another
+width, another grid) loads without any extra flag.
+
+    python -m scripts.plans --models_dir OLD_RUN/models --dataset brain   # add a plan to models trained before 0.5.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from scripts.data import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
+from scripts.files import load_json
+
+__all__ = [
+    "PLAN_FILE",
+    "PLAN_FORMAT",
+    "PlanConflictError",
+    "build_network",
+    "default_plan",
+    "ensure_plan",
+    "load_plan",
+    "make_plan",
+    "network_spec_from_state_dict",
+    "split_record",
+    "versions",
+]
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plans.json"
+PLAN_FORMAT = 1
+NORMALISATIONS = ("zscore", "fingerprint")
+# the plan's parts that versions do not change: two plans that agree on these describe the same model setup
+_SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "foreground_fraction", "normalisation", "split",
+               "sample_score")
+
+
+class PlanConflictError(ValueError):
+    """A run would add folds to a models folder whose plan describes another setup."""
+
+
+def versions() -> dict:
+    """The versions a plan was made with: the bundle's (its metadata.json) and the libraries'."""
+    import monai
+    import numpy
+
+    metadata = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+    bundle = json.loads(metadata.read_text()).get("version") if metadata.is_file() else None
+    return {"bundle": bundle, "monai": monai.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def split_record(scans: Sequence[str], num_train_tasks: int = 1, tasks: Sequence[str] | None = None,
+                 train_tasks: Sequence[str] | None = None, num_folds: int = NUM_FOLDS) -> dict:
+    """The cross-validation of a dataset, every model fold included, with scans named relative to their folder
+    (the data fold of a scan depends on its file name only, see :func:`scripts.data.assign_folds`)."""
+    folds_of = assign_folds(scans, num_folds)
+    count = num_folds if train_tasks else len(model_folds(num_train_tasks, num_folds))
+    folds = []
+    for fold in range(count):
+        split = cross_validation_split(scans, fold, num_train_tasks, tasks, train_tasks, num_folds)
+        folds.append({"fold": fold, "train_tasks": list(split.train_tasks), "val_tasks": list(split.val_tasks),
+                      "train_data_folds": list(split.train_data_folds), "val_data_folds": list(split.val_data_folds)})
+    return {
+        "num_folds": num_folds,
+        "num_train_tasks": None if train_tasks else num_train_tasks,
+        "tasks": list(split.tasks),
+        "train_tasks": list(train_tasks) if train_tasks else None,
+        "data_folds": {Path(s).name: folds_of[s] for s in scans},
+        "model_folds": folds,
+    }
+
+
+def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], normalisation: str,
+              fingerprint: Mapping | None = None, foreground_fraction: float = 0.1, split: Mapping | None = None,
+              sample_score_fraction: float = 0.01) -> dict:
+    """The plan of one dataset's models.
+
+    Args:
+        dataset: the dataset name (``brain``, ``abdom``): the models' folder under ``models/``.
+        network: ``{"name": <class in monai.networks.nets>, "args": {...}}``, the arguments as the network takes them.
+        spatial_size: the working grid every scan is resampled to.
+        normalisation: ``zscore`` (each scan's own foreground) or ``fingerprint`` (the training data's statistics).
+        fingerprint: the statistics of :func:`scripts.data.compute_fingerprint`; required with ``fingerprint``.
+        foreground_fraction: the foreground threshold of :class:`scripts.transforms.IntensityForegroundd`.
+        split: :func:`split_record` of the training data (None when unknown).
+        sample_score_fraction: the sample score is the mean of this fraction of the highest voxels of the map.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if normalisation == "fingerprint" and fingerprint is None:
+        raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
+    if set(network) != {"name", "args"}:
+        raise ValueError(f"network must be {{'name': ..., 'args': {{...}}}}, got keys {sorted(network)}")
+    plan = {
+        "plan_format": PLAN_FORMAT,
+        "dataset": dataset,
+        "network": {"name": str(network["name"]), "args": dict(network["args"])},
+        "spatial_size": [int(s) for s in spatial_size],
+        "foreground_fraction": float(foreground_fraction),
+        "normalisation": {"mode": normalisation,
+                          "fingerprint": dict(fingerprint) if normalisation == "fingerprint" else None},
+        "split": None if split is None else dict(split),
+        "sample_score": {"aggregation": "mean_of_top_fraction", "top_fraction": float(sample_score_fraction)},
+        "versions": versions(),
+    }
+    return json.loads(json.dumps(plan))  # plain JSON types (tuples become lists), as read back from the file
+
+
+def build_network(plan: Mapping) -> torch.nn.Module:
+    """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``)."""
+    from monai.networks import nets
+
+    spec = plan["network"] if "network" in plan else plan
+    network_class = getattr(nets, spec["name"], None)
+    if network_class is None:
+        raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")
+    return network_class(**copy.deepcopy(spec["args"]))
+
+
+def _same_setup(a: Mapping, b: Mapping) -> list[str]:
+    return [key for key in _SETUP_KEYS if a.get(key) != b.get(key)]
+
+
+def ensure_plan(model_dir: str | os.PathLike, plan: Mapping) -> Path:
+    """Write ``plan`` to ``model_dir/plans.json`` unless it is there already; a folder that holds another plan is
+    refused with :class:`PlanConflictError` (its folds would not make one ensemble).
+
+    Safe when several processes (the folds, the ranks of a DDP run) call it at once: the file is created whole and
+    only once (a hard link of a finished temporary file), and everyone else compares with it."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / PLAN_FILE
+    plan = json.loads(json.dumps(plan))
+    fd, tmp = tempfile.mkstemp(prefix=f".{PLAN_FILE}.", suffix=".tmp", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(plan, indent=2) + "\n")
+        os.link(tmp, path)
+        logger.info("wrote the plan of the %s models: %s", plan.get("dataset"), path)
+        return path
+    except FileExistsError:
+        pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    existing = load_json(path)
+    differ = _same_setup(existing, plan)
+    if differ:
+        details = "; ".join(f"{k}: {json.dumps(existing.get(k))[:120]} there, {json.dumps(plan.get(k))[:120]} now"
+                            for k in differ)
+        raise PlanConflictError(
+            f"{str(path)!r} describes another setup ({details}): its folds would not form one ensemble. "
+            "Train into another --output_dir, or delete that models folder to start over")
+    if existing.get("versions") != plan.get("versions"):
+        logger.warning("%s was made with %s; this run has %s", path, existing.get("versions"), plan.get("versions"))
+    return path
+
+
+def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
+    """The plan of ``models_dir/<dataset>``, checked; clear errors for a missing folder, a folder of models trained
+    before plans existed (with the command that adds one), and a plan of another dataset."""
+    folder = Path(models_dir) / dataset
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        if any(folder.glob("fold_*.pt")):
+            raise FileNotFoundError(
+                f"{str(folder)!r} holds fold models but no {PLAN_FILE} (they were trained before plans existed): "
+                "add one with 'PYTHONPATH=bundle python -m scripts.plans "
+                f"--models_dir {models_dir} --dataset {dataset}', or retrain")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no trained models for {dataset!r}: {str(folder)!r} does not exist; train with "
+                                    "'make train' or pass --models_dir <run folder>/models")
+        raise FileNotFoundError(f"no {PLAN_FILE} in {str(folder)!r}: train with 'make train' or pass --models_dir")
+    plan = load_json(path)
+    if plan.get("plan_format") != PLAN_FORMAT:
+        raise ValueError(f"{str(path)!r} has plan_format {plan.get('plan_format')!r}; this bundle reads {PLAN_FORMAT}")
+    if plan.get("dataset") != dataset:
+        raise ValueError(f"{str(path)!r} is the plan of {plan.get('dataset')!r} models, not {dataset!r}")
+    missing = [k for k in _SETUP_KEYS if k not in plan]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {missing}")
+    return plan
+
+
+def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fingerprint: Mapping | None = None,
+                 **overrides) -> dict:
+    """The plan training would make with its default settings (``train.yaml`` + the dataset overlay, with
+    ``overrides`` of its keys, e.g. ``spatial_size=[32, 32, 32]``), without data: no split, and ``fingerprint``
+    as given. For models made outside training (tests, benchmarks)."""
+    from monai.bundle import ConfigParser
+
+    from scripts.files import bundle_configs
+
+    bundle_root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[1]
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, "train", dataset))
+    parser.update(overrides)
+    get = parser.get_parsed_content
+    mode = get("normalisation")
+    if mode == "fingerprint" and fingerprint is None:
+        raise ValueError(f"the {dataset!r} models normalise with a fingerprint: pass one")
+    return make_plan(get("dataset_name"), get("network_spec"), get("spatial_size"), mode, fingerprint,
+                     get("foreground_fraction"), None, get("sample_score_fraction"))
+
+
+# ---- models trained before plans existed -------------------------------------------------------------------------
+
+def network_spec_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict:
+    """The DynUNet definition (as the bundle's training configures it: instance norm, no deep supervision, no
+    residual blocks, stride 2 below the first level) that a plain state dict was saved from, read from its
+    convolution weights."""
+    def weight(prefix: str) -> torch.Tensor:
+        key = f"{prefix}.conv1.conv.weight"
+        if key not in state:
+            raise ValueError(f"not a state dict of the bundle's DynUNet: no {key!r}")
+        return state[key]
+
+    downs = sorted({int(k.split(".")[1]) for k in state if k.startswith("downsamples.")})
+    blocks = [weight("input_block"), *(weight(f"downsamples.{i}") for i in downs), weight("bottleneck")]
+    depth = len(blocks)
+    spatial_dims = blocks[0].ndim - 2
+    args = {
+        "spatial_dims": spatial_dims,
+        "in_channels": int(blocks[0].shape[1]),
+        "out_channels": int(state["output_block.conv.conv.weight"].shape[0]),
+        "kernel_size": [list(b.shape[2:]) for b in blocks],
+        "strides": [[1] * spatial_dims] + [[2] * spatial_dims] * (depth - 1),
+        "upsample_kernel_size": [[2] * spatial_dims] * (depth - 1),
+        "filters": [int(b.shape[0]) for b in blocks],
+        "norm_name": "instance",
+        "deep_supervision": False,
+        "res_block": False,
+    }
+    spec = {"name": "DynUNet", "args": json.loads(json.dumps(args))}
+    build_network(spec).load_state_dict(state)  # the definition must fit the weights exactly
+    return spec
+
+
+def plan_from_fold_records(models_dir: str | os.PathLike, dataset: str,
+                           sample_score_fraction: float = 0.01) -> dict:
+    """A plan for ``models_dir/<dataset>`` made before plans existed, from what it holds: the network read from
+    ``fold_0.pt``, the grid, normalisation and split from the ``fold_<k>.json`` records, the CT statistics from
+    ``fingerprint.json``. Every fold must fit the same definition."""
+    folder = Path(models_dir) / dataset
+    weights = sorted(folder.glob("fold_*.pt"))
+    if not weights:
+        raise FileNotFoundError(f"no fold_<k>.pt models in {str(folder)!r}")
+    spec = network_spec_from_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+    for path in weights[1:]:
+        build_network(spec).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    records = [load_json(p) for p in sorted(folder.glob("fold_*.json"))]
+    grids = {tuple(r["spatial_size"]) for r in records if "spatial_size" in r}
+    modes = {r["normalisation"] for r in records if "normalisation" in r}
+    if len(grids) != 1 or len(modes) != 1:
+        raise ValueError(f"the fold records in {str(folder)!r} do not name one working grid and one normalisation "
+                         f"(grids {sorted(grids)}, normalisations {sorted(modes)})")
+    mode = modes.pop()
+    fingerprint = load_json(folder / "fingerprint.json") if mode == "fingerprint" else None
+    split = None
+    splits = [r["split"] for r in records if "split" in r]
+    if splits:
+        scans = sorted({s for r in splits for s in (*r["train_scans"], *r["val_scans"])})
+        first = splits[0]
+        combos = model_folds(len(first["train_tasks"]), len(first["tasks"]))
+        # explicit training tasks (e.g. the FPI-only baseline) rather than the fold's combination of the five
+        standard = all(s["fold"] < len(combos) and list(s["train_tasks"]) == [s["tasks"][i] for i in combos[s["fold"]]]
+                       for s in splits)
+        split = split_record(scans, num_train_tasks=len(first["train_tasks"]), tasks=first["tasks"],
+                             train_tasks=None if standard else first["train_tasks"])
+    return make_plan(dataset, spec, grids.pop(), mode, fingerprint, split=split,
+                     sample_score_fraction=sample_score_fraction)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="Add plans.json to a models folder trained before plans existed.")
+    parser.add_argument("--models_dir", required=True, help="folder of dataset subfolders (e.g. runs/models)")
+    parser.add_argument("--dataset", required=True, help="the dataset subfolder (brain, abdom)")
+    parser.add_argument("--sample_score_fraction", type=float, default=0.01,
+                        help="the sample-score aggregation the models were validated with (default 0.01)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = plan_from_fold_records(args.models_dir, args.dataset, args.sample_score_fraction)
+    path = ensure_plan(Path(args.models_dir) / args.dataset, plan)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

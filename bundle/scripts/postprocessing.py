@@ -1,0 +1,92 @@
+"""Post-processing of the anomaly maps into the MOOD outputs (MOOD challenge submission format,
+github.com/MIC-DKFZ/mood): the pixel map as a float32 NIfTI on the input's grid, and the sample score, one float
+in [0, 1] per scan, aggregated from the map. MONAI-style dictionary transforms, run by the inference workflow's
+evaluator on every decollated case."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.inference import ERROR, NAME, PATH
+from scripts.metrics import sample_score
+
+__all__ = ["WritePixelMapd", "WriteSampleScored"]
+
+logger = logging.getLogger(__name__)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
+class WritePixelMapd(MapTransform):
+    """Writes ``<output_dir>/<input name>``: the anomaly map as a float32 NIfTI with the input file's shape
+    and affine (MOOD pixel task). Expects the map already brought back to the input grid and clamped."""
+
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(ERROR):
+            logger.error("%s: no pixel map written: %s", d[NAME], d[ERROR])
+            return d
+        source = nib.load(d[PATH])
+        for key in self.key_iterator(d):
+            values = _to_numpy(d[key])
+            if values.size != int(np.prod(source.shape)):
+                raise ValueError(f"{d[NAME]}: map of shape {values.shape} does not fit the input's {source.shape}")
+            values = np.clip(np.nan_to_num(values.reshape(source.shape), nan=0.0), 0.0, 1.0).astype(np.float32)
+            header = source.header.copy()
+            header.set_data_dtype(np.float32)
+            header.set_slope_inter(1.0, 0.0)
+            out = nib.Nifti1Image(values, source.affine, header)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            nib.save(out, self.output_dir / d[NAME])
+            d["written"] = str(self.output_dir / d[NAME])
+        return d
+
+
+class WriteSampleScored(MapTransform):
+    """Writes ``<output_dir>/<input name>.txt`` with one float in [0, 1] (MOOD sample task): the mean of the
+    ``top_fraction`` highest voxels of the working-grid map (:func:`scripts.metrics.sample_score`, the same
+    aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
+
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", top_fraction: float = 1e-2,
+                 fallback_score: float = 1.0, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0.0 <= fallback_score <= 1.0:
+            raise ValueError(f"fallback_score must be in [0, 1], got {fallback_score}")
+        self.output_dir = Path(output_dir)
+        self.top_fraction = top_fraction
+        self.fallback_score = fallback_score
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(ERROR):
+            logger.error("%s: could not be read (%s); writing the fallback score %s", d[NAME], d[ERROR],
+                         self.fallback_score)
+            score = self.fallback_score
+        else:
+            key = self.first_key(d)
+            values = torch.nan_to_num(torch.as_tensor(_to_numpy(d[key])), nan=0.0)
+            score = float(sample_score(values, self.top_fraction).clamp(0.0, 1.0))
+        if not math.isfinite(score):
+            score = self.fallback_score
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"{d[NAME]}.txt"
+        path.write_text(f"{score:.6f}\n")
+        d["score"], d["written"] = score, str(path)
+        return d
