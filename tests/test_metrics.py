@@ -8,7 +8,6 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from scripts.metrics import (
-    LossMetric,
     PixelAveragePrecision,
     SampleAveragePrecision,
     average_precision_from_counts,
@@ -64,8 +63,13 @@ def test_sample_ap_and_score():
     assert metric.compute() == pytest.approx(expected)
 
 
-def test_loss_metric_averages_per_sample():
-    metric = LossMetric(torch.nn.functional.l1_loss)
-    metric.reset()
-    metric.update(([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)], [torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]))
-    assert metric.compute() == pytest.approx(0.5)
+def test_validation_loss_averages_per_sample():
+    """train.yaml's val_loss is MONAI's IgniteMetricHandler(loss_fn=...) on the decollated validation outputs."""
+    from ignite.engine import Engine
+    from monai.handlers import IgniteMetricHandler
+
+    engine = Engine(lambda engine, batch: batch)
+    IgniteMetricHandler(loss_fn=torch.nn.functional.l1_loss).attach(engine, "val_loss")
+    preds, labels = [torch.ones(1, 2, 2), torch.zeros(1, 2, 2)], [torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]
+    engine.run([(preds, labels)])
+    assert engine.state.metrics["val_loss"] == pytest.approx(0.5)

@@ -71,7 +71,9 @@ def _relative(scans, dataset_dir) -> list[str]:
 def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
                      network: torch.nn.Module) -> dict:
     """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder) and its best validation
-    result. The setup the folds share is in the plan (``plans.json``)."""
+    result. The setup the folds share is in the plan (``plans.json``). In a DDP run only rank 0 writes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}
     split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
     split_record["train_scans"] = _relative(split.train_scans, dataset_dir)
     split_record["val_scans"] = _relative(split.val_scans, dataset_dir)
