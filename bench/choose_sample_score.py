@@ -31,8 +31,8 @@ sys.path.insert(1, str(REPO))  # the tools
 from monai.bundle import ConfigParser  # noqa: E402
 
 from scripts.files import bundle_configs, save_json  # noqa: E402
-from scripts.metrics import sample_score  # noqa: E402
 from scripts.plans import build_network, load_plan  # noqa: E402
+from scripts.postprocessing import sample_score  # noqa: E402
 
 
 def fpi_slice_score(prediction: torch.Tensor, axis: int = 2) -> float:

@@ -11,8 +11,8 @@ from scripts.metrics import (
     PixelAveragePrecision,
     SampleAveragePrecision,
     average_precision_from_counts,
-    sample_score,
 )
+from scripts.postprocessing import sample_score
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -16,11 +16,12 @@ from ignite.distributed import all_gather, all_reduce
 from ignite.metrics import Metric
 from sklearn.metrics import average_precision_score
 
+from scripts.postprocessing import sample_score
+
 __all__ = [
     "PixelAveragePrecision",
     "SampleAveragePrecision",
     "average_precision_from_counts",
-    "sample_score",
 ]
 
 DEFAULT_BINS = 1 << 16
@@ -47,13 +48,6 @@ def _as_list(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return list(x) if x.ndim > 0 else [x]
     return list(x)
-
-
-def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.Tensor:
-    """Scan-level score from an anomaly map: the mean of its ``top_fraction`` highest voxels (at least one)."""
-    flat = prediction.reshape(-1).float()
-    k = max(1, int(round(top_fraction * flat.numel())))
-    return flat.topk(k).values.mean()
 
 
 class PixelAveragePrecision(Metric):

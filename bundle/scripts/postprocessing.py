@@ -17,11 +17,17 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.inference import ERROR, NAME, PATH
-from scripts.metrics import sample_score
 
-__all__ = ["WritePixelMapd", "WriteSampleScored"]
+__all__ = ["WritePixelMapd", "WriteSampleScored", "sample_score"]
 
 logger = logging.getLogger(__name__)
+
+
+def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.Tensor:
+    """Scan-level score from an anomaly map: the mean of its ``top_fraction`` highest voxels (at least one)."""
+    flat = prediction.reshape(-1).float()
+    k = max(1, int(round(top_fraction * flat.numel())))
+    return flat.topk(k).values.mean()
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -61,7 +67,7 @@ class WritePixelMapd(MapTransform):
 
 class WriteSampleScored(MapTransform):
     """Writes ``<output_dir>/<input name>.txt`` with one float in [0, 1] (MOOD sample task): the mean of the
-    ``top_fraction`` highest voxels of the working-grid map (:func:`scripts.metrics.sample_score`, the same
+    ``top_fraction`` highest voxels of the working-grid map (:func:`sample_score`, the same
     aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
 
     def __init__(self, keys: str = "pred", output_dir: str | Path = ".", top_fraction: float = 1e-2,
