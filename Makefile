@@ -93,9 +93,10 @@ report: setup
 bench-inference: setup
 	$(PY) bench/bench_inference.py
 
-# toy normal scans for trying training without MOOD data: `make normals DATASET=brain OUT=data/normals`
+# toy normal scans for trying training without MOOD data: `make normals DATASET=brain [OUT=data/normals/brain]`
+# (without OUT they go to data/normals/<DATASET>, never into the training run folder)
 normals: setup
-	$(PY) -m tools.phantoms --dataset $(DATASET) --output_dir $(OUT) --count 20
+	$(PY) -m tools.phantoms --dataset $(DATASET) --output_dir "$(if $(filter runs,$(OUT)),data/normals/$(DATASET),$(OUT))" --count 20
 
 # The model-zoo checks, as MONAI's CLI runs them, for both dataset configs: metadata against the official
 # schema (offline copy), network input/output against the metadata, TorchScript and ONNX export of fold 0.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,7 +85,14 @@ def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, devi
         return OnnxNetwork(path, device)
     network = copy.deepcopy(network_def)
     try:
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"model {str(path)!r} is refused: it is not a plain state dict of tensors (loading it would "
+                         "run code it carries); use the state dicts training writes") from None
+    except Exception as err:
+        raise ValueError(f"model {str(path)!r} cannot be read: {type(err).__name__}: {err}") from err
+    try:
+        network.load_state_dict(state)
     except Exception as err:
         raise ValueError(
             f"model {str(path)!r} does not fit the network of its folder's {PLAN_FILE} (was it trained into another "

@@ -5,6 +5,8 @@ an unreadable scan into an item with its reason, and the engine that passes such
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from monai.engines.utils import IterationEvents
 
 from scripts.files import is_scan
 
-__all__ = ["AnomalyInferenceEngine", "RobustDataset", "check_arguments", "list_inputs"]
+__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "RobustDataset", "check_arguments", "describe_error",
+           "exit_cleanly_on_sigterm", "list_inputs", "readable_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +27,49 @@ NAME, PATH, ERROR = "name", "image_path", "error"
 
 
 MODES = ("pixel", "sample")
+# the largest volume a header may claim: 2^28 voxels (645^3, 1 GiB as float32), twice MOOD's 512^3 abdomen; a
+# larger claim fails that case at once instead of allocating it
+DEFAULT_MAX_VOXELS = 2**28
 
 
 def check_arguments(dataset_dir, output_dir, mode: str) -> None:
-    """The checks before any work: one clear error for a missing argument or an unknown mode."""
+    """The checks before any work: one clear error for a missing argument, an unknown mode, or an output folder
+    that is the input folder in pixel mode (the maps carry the scans' names and would replace them)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not dataset_dir:
         raise ValueError("--dataset_dir (or --input_dir) is required: the folder of scans to score")
     if not output_dir:
         raise ValueError("--output_dir is required")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"output folder {str(output_dir)!r} exists and is not a folder")
+    if mode == "pixel" and Path(dataset_dir).resolve() == Path(output_dir).resolve():
+        raise ValueError(f"output folder {str(output_dir)!r} is the input folder: the pixel maps would replace the "
+                         "scans (they carry the scans' names); choose another output folder")
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a failure: the innermost cause (MONAI nests the real error inside "applying transform"
+    wrappers) with its type, and the transform that raised it when there is one."""
+    stage, inner = None, err
+    while inner.__cause__ is not None and "applying transform" in str(inner):
+        match = re.search(r"applying transform <([\w.]+)", str(inner))
+        stage = match.group(1).rsplit(".", 1)[-1] if match else stage
+        inner = inner.__cause__
+    text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    reason = f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    if isinstance(inner, ValueError) and text:  # the bundle's own checks: their message says it all
+        reason = text
+    return f"{stage}: {reason}" if stage else reason
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler's stop, MOOD's time limit) into SystemExit, so the writers remove their
+    half-written temporary file instead of leaving it behind."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def list_inputs(input_dir: str | Path) -> list[dict]:
@@ -48,9 +84,14 @@ def list_inputs(input_dir: str | Path) -> list[dict]:
     items = []
     for path in sorted(folder.iterdir()):
         if not path.is_file():
-            continue
-        if not is_scan(path):
-            logger.warning("skipping %r: not a NIfTI file (*.nii.gz, *.nii)", path.name)
+            if path.is_symlink() and is_scan(path):  # broken or looping: scored as unreadable, not skipped
+                logger.warning("%r is a broken or looping symbolic link", path.name)
+            else:
+                continue
+        elif not is_scan(path):
+            hint = ("; an Analyze/NIfTI pair (.hdr/.img): convert it to one .nii.gz"
+                    if path.suffix.lower() in (".hdr", ".img") else "")
+            logger.warning("skipping %r: not a NIfTI file (*.nii.gz, *.nii)%s", path.name, hint)
             continue
         items.append({NAME: path.name, PATH: str(path), "image": str(path)})
     if not items:
@@ -58,19 +99,68 @@ def list_inputs(input_dir: str | Path) -> list[dict]:
     return items
 
 
-def _check_scan(path: str) -> None:
-    """Raise ValueError with the reason when ``path`` is not a readable 3D NIfTI volume."""
+_READ_AS: dict[str, str] = {}
+_READ_AS_FOLDER: list[str] = []
+
+
+def readable_path(path: str | os.PathLike) -> str:
+    """``path``, or a link to it whose suffix matches its content when its name lies: readers choose the
+    decompression by the suffix, so a ``.nii.gz`` that is really uncompressed, or a ``.nii`` that is really
+    gzipped, would be rejected. The links live in a private temporary folder, removed at exit."""
+    path = str(path)
+    if path in _READ_AS:
+        return _READ_AS[path]
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError:
+        return path  # the reader reports it
+    gzipped = magic == b"\x1f\x8b"
+    named_gzip = path.lower().endswith(".gz")
+    plain_name = not Path(path).name.startswith(".")  # readers choose by the last dots only: "..nii.gz" fails
+    if len(magic) < 2 or (gzipped == named_gzip and plain_name):
+        return path
+    if not _READ_AS_FOLDER:
+        import atexit
+        import shutil
+        import tempfile
+
+        _READ_AS_FOLDER.append(tempfile.mkdtemp(prefix="mood_read_as_"))
+        atexit.register(shutil.rmtree, _READ_AS_FOLDER[0], True)
+    link = Path(_READ_AS_FOLDER[0]) / f"scan_{len(_READ_AS)}{'.nii.gz' if gzipped else '.nii'}"
+    link.symlink_to(Path(path).resolve())
+    if gzipped != named_gzip:
+        logger.warning("%s: its content is %s despite its name; read as such", Path(path).name,
+                       "gzip-compressed" if gzipped else "not compressed")
+    _READ_AS[path] = str(link)
+    return str(link)
+
+
+def _check_scan(path: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
+    """Raise ValueError with the reason when ``path`` is not a readable 3D NIfTI volume, from its header alone
+    (nothing is allocated): the shape, the size it claims against ``max_voxels``, and for an uncompressed file
+    against the bytes the file holds."""
+    path = readable_path(path)
     try:
         image = nib.load(path)
     except Exception as err:  # nibabel raises many types for corrupt or empty files
         raise ValueError(f"not a readable NIfTI file ({type(err).__name__}: {err})") from err
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
-        return
+        shape = shape[:3]
     if len(shape) != 3:
         raise ValueError(f"not a 3D volume: shape {shape}")
     if min(shape) < 2:
         raise ValueError(f"degenerate 3D volume: shape {shape}")
+    voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
+    if voxels > max_voxels:
+        raise ValueError(f"the header claims {'x'.join(map(str, shape))} = {voxels} voxels, more than "
+                         f"max_scan_voxels ({max_voxels}); raise it if such scans are real")
+    if not str(path).lower().endswith(".gz"):
+        needed = int(image.header.get("vox_offset", 0)) + voxels * image.get_data_dtype().itemsize
+        size = os.path.getsize(path)
+        if size < needed:
+            raise ValueError(f"truncated: the file holds {size} bytes, its header claims {needed}")
 
 
 class RobustDataset(torch.utils.data.Dataset):
@@ -78,9 +168,10 @@ class RobustDataset(torch.utils.data.Dataset):
     with only its ``name``, ``image_path`` and the ``error`` (the reason), so one bad file never stops the rest.
     Good items carry ``error = ""``."""
 
-    def __init__(self, data: Sequence[dict], transform) -> None:
+    def __init__(self, data: Sequence[dict], transform, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         self.data = list(data)
         self.transform = transform
+        self.max_voxels = max_voxels
 
     def __len__(self) -> int:
         return len(self.data)
@@ -88,31 +179,46 @@ class RobustDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         item = dict(self.data[index])
         try:
-            _check_scan(item[PATH])
+            _check_scan(item[PATH], self.max_voxels)
+            item["image"] = readable_path(item[PATH])
             out = self.transform(item)
             image = out["image"]
             if not torch.isfinite(torch.as_tensor(image)).all():
                 raise ValueError("non-finite intensities remain after preprocessing")
             out[ERROR] = ""
             return out
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "applying transform" in reason and err.__cause__ is not None:  # MONAI wraps the real cause
-                reason = str(err.__cause__).strip().splitlines()[0] or type(err.__cause__).__name__
-            return {NAME: item[NAME], PATH: item[PATH], ERROR: reason}
+        except Exception as err:  # MemoryError included: this case fails, the others go on
+            return {NAME: item[NAME], PATH: item[PATH], ERROR: describe_error(err)}
 
 
 class AnomalyInferenceEngine(SupervisedEvaluator):
-    """A SupervisedEvaluator that passes failed items (``error`` set) straight to the postprocessing
-    without running the network, so the writers can log them and write fallbacks."""
+    """A SupervisedEvaluator that isolates every case: items that failed to load (``error`` set) go straight to
+    the postprocessing without the network, so the writers log them and write fallbacks; a case whose network
+    pass, inverse transform or writer raises becomes such an item too, and the run goes on with the next."""
 
     def _iteration(self, engine, batchdata):
         errors = batchdata.get(ERROR) if isinstance(batchdata, Mapping) else None
         if errors is not None and any(errors):
-            engine.state.output = {"failed": torch.ones(len(errors))}
-            # decollation and postprocessing (the writers) run on this event, as after a forward pass
-            engine.fire_event(IterationEvents.MODEL_COMPLETED)
-            return engine.state.output
-        return super()._iteration(engine, batchdata)
+            return self._postprocess_failed(engine, batchdata)
+        try:
+            return super()._iteration(engine, batchdata)
+        except Exception as err:
+            reason = describe_error(err)
+            failed = {NAME: list(batchdata[NAME]), PATH: list(batchdata[PATH]), ERROR: [reason] * len(batchdata[NAME])}
+            logger.error("%s: scoring failed: %s", ", ".join(failed[NAME]), reason)
+            try:
+                return self._postprocess_failed(engine, failed)
+            except Exception as again:  # even the fallback cannot be written (e.g. the name is too long)
+                reason = f"{reason}; no fallback written either: {describe_error(again)}"
+                logger.error("%s: %s", ", ".join(failed[NAME]), reason)
+                engine.state.batch = [{NAME: n, PATH: p, ERROR: reason} for n, p in zip(failed[NAME], failed[PATH])]
+                engine.state.output = [{} for _ in failed[NAME]]
+                return engine.state.output
 
-
+    @staticmethod
+    def _postprocess_failed(engine, batchdata):
+        engine.state.batch = batchdata
+        engine.state.output = {"failed": torch.ones(len(batchdata[ERROR]))}
+        # decollation and postprocessing (the writers) run on this event, as after a forward pass
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable, Mapping
+import os
+import tempfile
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +18,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.inference import ERROR, NAME, PATH
+from scripts.inference import ERROR, NAME, PATH, readable_path
 
 __all__ = ["WritePixelMapd", "WriteSampleScored", "sample_score"]
 
@@ -30,10 +32,45 @@ def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.
     return flat.topk(k).values.mean()
 
 
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``write(temporary path)`` and rename the finished file into place: a stop or a full
+    disk mid-write leaves the old file or none, never a truncated one. The temporary file sits in the same
+    folder (the rename is atomic) and keeps the suffix (nibabel chooses compression by it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _remove_stale(path: Path) -> None:
+    """A case that fails now must not leave an earlier run's output in place."""
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+        logger.warning("%s: removed the output of an earlier run", path)
+
+
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, MetaTensor):
         x = x.as_tensor()
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
+def _finite_affine(source, pred) -> np.ndarray:
+    """The input's affine, or when its header's is not finite (a NaN sform) the one MONAI's reader fell back to,
+    which the map carries after the inverse transforms."""
+    affine = np.asarray(source.affine, dtype=np.float64)
+    if np.isfinite(affine).all():
+        return affine
+    if isinstance(pred, MetaTensor) and np.isfinite(np.asarray(pred.affine)).all():
+        return np.asarray(pred.affine, dtype=np.float64)
+    return np.eye(4)
 
 
 class WritePixelMapd(MapTransform):
@@ -48,8 +85,9 @@ class WritePixelMapd(MapTransform):
         d = dict(data)
         if d.get(ERROR):
             logger.error("%s: no pixel map written: %s", d[NAME], d[ERROR])
+            _remove_stale(self.output_dir / d[NAME])
             return d
-        source = nib.load(d[PATH])
+        source = nib.load(readable_path(d[PATH]))
         for key in self.key_iterator(d):
             values = _to_numpy(d[key])
             if values.size != int(np.prod(source.shape)):
@@ -58,10 +96,8 @@ class WritePixelMapd(MapTransform):
             header = source.header.copy()
             header.set_data_dtype(np.float32)
             header.set_slope_inter(1.0, 0.0)
-            out = nib.Nifti1Image(values, source.affine, header)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            nib.save(out, self.output_dir / d[NAME])
-            d["written"] = str(self.output_dir / d[NAME])
+            out = nib.Nifti1Image(values, _finite_affine(source, d.get(key)), header)
+            d["written"] = str(write_atomically(self.output_dir / d[NAME], lambda tmp, image=out: nib.save(image, tmp)))
         return d
 
 
@@ -91,8 +127,6 @@ class WriteSampleScored(MapTransform):
             score = float(sample_score(values, self.top_fraction).clamp(0.0, 1.0))
         if not math.isfinite(score):
             score = self.fallback_score
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / f"{d[NAME]}.txt"
-        path.write_text(f"{score:.6f}\n")
+        path = write_atomically(self.output_dir / f"{d[NAME]}.txt", lambda tmp: tmp.write_text(f"{score:.6f}\n"))
         d["score"], d["written"] = score, str(path)
         return d

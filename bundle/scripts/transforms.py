@@ -173,7 +173,9 @@ class NormaliseIntensity(Transform):
             )
             selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
             std = float(selected.std()) if selected.numel() > 1 else 0.0
-            out = (values - selected.mean()) / (std if std > 1e-8 else 1.0)
+            # a relative guard: a scan given at any scale (even 1e-12) is standardised; only a constant one is not
+            scale = float(selected.abs().max()) if selected.numel() else 0.0
+            out = (values - selected.mean()) / (std if std > 1e-6 * scale and std > 0 else 1.0)
         return convert_to_dst_type(out, img, dtype=torch.float32)[0]
 
 

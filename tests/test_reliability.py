@@ -1,0 +1,179 @@
+"""Hostile inputs through the bundle's inference: a failure in any stage of one case (reading, the header's
+claims, the writers) never costs another case; outputs are written whole or not at all; a stale output of a case
+that now fails is removed; the input folder is never written to."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_models
+from scripts.files import bundle_configs
+from scripts.inference import describe_error
+from scripts.postprocessing import write_atomically
+from scripts.transforms import NormaliseIntensity
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
+LONG_NAME = "l" * (255 - len(".nii.gz")) + ".nii.gz"  # a legal file name whose "<name>.txt" is one too long
+
+
+def infer(input_dir: Path, output_dir: Path, mode: str, models: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", "brain")),
+               "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
+               "--models_dir", str(models)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def nan_sform_nii(volume: np.ndarray) -> bytes:
+    """An uncompressed NIfTI whose sform is NaN (MONAI's reader falls back to a finite affine, nibabel's does not)."""
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:348]))
+    header["srow_x"] = header["srow_y"] = header["srow_z"] = np.nan
+    header["sform_code"] = 1
+    return header.binaryblock + raw[348:]
+
+
+def huge_claim_nii_gz(path: Path) -> None:
+    """A few hundred bytes whose header claims 1200^3 float32 (6.9 GB)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1200, 1200, 1200))
+    header.set_data_dtype(np.float32)
+    import gzip
+
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, normal_scans):
+    folder = tmp_path_factory.mktemp("hostile")
+    good = sorted(normal_scans["brain"].glob("*.nii.gz"))[0]
+    volume = np.asanyarray(nib.load(good).dataobj).astype(np.float32)
+    (folder / "good.nii.gz").write_bytes(good.read_bytes())
+    (folder / "nan_sform.nii").write_bytes(nan_sform_nii(volume))
+    (folder / LONG_NAME).write_bytes(good.read_bytes())
+    huge_claim_nii_gz(folder / "huge_claim.nii.gz")
+    truncated = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    (folder / "truncated.nii").write_bytes(truncated[: len(truncated) // 2])
+    # uncompressed despite its name, and at a scale a fixed guard would not normalise
+    (folder / "tiny_scale.nii.gz").write_bytes(nib.Nifti1Image(volume * 1e-12, np.eye(4)).to_bytes())
+    (folder / "really_gzipped.nii").write_bytes(good.read_bytes())
+    (folder / "gone.nii.gz").symlink_to(folder / "nowhere.nii.gz")
+    return folder
+
+
+def test_pixel_task_isolates_every_case_and_never_writes_to_the_input(hostile, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0], **TINY)
+    before = digest(hostile)
+    out = tmp_path / "pixel"
+    out.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), out / "truncated.nii")  # an earlier run's
+    result = infer(hostile, out, "pixel", models)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["good.nii.gz", "nan_sform.nii", LONG_NAME,
+                                                            "tiny_scale.nii.gz", "really_gzipped.nii"])
+    # (no stale map of the truncated case, no partial file)
+    assert "gone.nii.gz: FAILED:" in result.stdout and "broken or looping symbolic link" in log
+    nan_map = nib.load(out / "nan_sform.nii")
+    assert np.isfinite(nan_map.affine).all() and nan_map.shape == (36, 36, 36)
+    assert "huge_claim.nii.gz: FAILED: the header claims 1200x1200x1200" in log and "max_scan_voxels" in log
+    assert "truncated.nii: FAILED: truncated: the file holds" in log
+    tiny = np.asanyarray(nib.load(out / "tiny_scale.nii.gz").dataobj)
+    np.testing.assert_allclose(tiny, np.asanyarray(nib.load(out / "good.nii.gz").dataobj), atol=1e-4)  # any scale
+    assert digest(hostile) == before
+
+
+def test_sample_task_survives_a_writer_failure(hostile, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0], **TINY)
+    before = digest(hostile)
+    result = infer(hostile, tmp_path / "sample", "sample", models)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    written = {p.name: float(p.read_text()) for p in (tmp_path / "sample").iterdir()}
+    # every case but the one whose score file name is too long has its score; the unreadable ones the fallback
+    assert set(written) == {f"{n}.txt" for n in ("good.nii.gz", "nan_sform.nii", "huge_claim.nii.gz", "truncated.nii",
+                                                 "tiny_scale.nii.gz", "really_gzipped.nii", "gone.nii.gz")}
+    assert written["huge_claim.nii.gz.txt"] == written["truncated.nii.txt"] == written["gone.nii.gz.txt"] == 1.0
+    assert written["really_gzipped.nii.txt"] == written["good.nii.gz.txt"]
+    assert 0 <= written["good.nii.gz.txt"] < 1
+    assert f"{LONG_NAME}: FAILED:" in result.stdout and "File name too long" in log
+    assert "summary: 4 done, 4 failed" in result.stdout
+    assert digest(hostile) == before
+
+
+def test_output_folder_equal_to_the_input_folder_is_refused(hostile, tmp_path):
+    models = write_models(tmp_path / "models", "brain", [0], **TINY)
+    before = digest(hostile)
+    result = infer(hostile, hostile, "pixel", models)
+    assert result.returncode != 0 and "is the input folder" in result.stdout + result.stderr
+    assert digest(hostile) == before
+
+
+def test_write_atomically_leaves_the_old_file_or_the_whole_new_one(tmp_path):
+    target = tmp_path / "case.nii.gz"
+    target.write_bytes(b"old")
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise SystemExit(143)  # what SIGTERM becomes (scripts.inference.exit_cleanly_on_sigterm)
+
+    with pytest.raises(SystemExit):
+        write_atomically(target, interrupted)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
+    write_atomically(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
+
+
+def test_describe_error_names_the_real_cause_and_the_stage():
+    try:
+        try:
+            try:
+                raise MemoryError("cannot allocate 7 GB")
+            except MemoryError as err:
+                raise RuntimeError("applying transform <monai.transforms.io.dictionary.LoadImaged object>") from err
+        except RuntimeError as err:
+            raise RuntimeError("applying transform <monai.transforms.compose.Compose object>") from err
+    except RuntimeError as err:
+        assert describe_error(err) == "LoadImaged: MemoryError: cannot allocate 7 GB"
+    assert describe_error(ValueError("not a 3D volume: shape (4, 4)")) == "not a 3D volume: shape (4, 4)"
+
+
+def test_normalisation_works_at_any_scale():
+    x = torch.rand(1, 8, 8, 8) * 100
+    for scale in (1e-12, 1.0, 1e12):
+        out = NormaliseIntensity()(x * scale)
+        assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1) < 1e-4, scale
+    assert torch.equal(NormaliseIntensity()(torch.full((1, 4, 4, 4), 7.0)), torch.zeros(1, 4, 4, 4))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_lowering_the_safety(tmp_path):
+    from scripts.ensemble import load_ensemble
+    from scripts.plans import build_network, load_plan
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this would have run",))
+
+    models = write_models(tmp_path / "models", "brain", [0], **TINY)
+    torch.save({"weight": RunsCode()}, models / "brain" / "fold_0.pt")
+    network_def = build_network(load_plan(models, "brain"))
+    with pytest.raises(ValueError, match="is refused: it is not a plain state dict") as info:
+        load_ensemble(network_def, models, "brain", "cpu")
+    assert "weights_only=False" not in str(info.value)
