@@ -75,6 +75,7 @@ def hostile(tmp_path_factory, normal_scans):
     (folder / "tiny_scale.nii.gz").write_bytes(nib.Nifti1Image(volume * 1e-12, np.eye(4)).to_bytes())
     (folder / "really_gzipped.nii").write_bytes(good.read_bytes())
     (folder / "gone.nii.gz").symlink_to(folder / "nowhere.nii.gz")
+    nib.save(nib.Nifti1Image(volume[:, :, 18:19].copy(), np.eye(4)), folder / "slab.nii.gz")  # one slice thick
     return folder
 
 
@@ -88,7 +89,8 @@ def test_pixel_task_isolates_every_case_and_never_writes_to_the_input(hostile, t
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(["good.nii.gz", "nan_sform.nii", LONG_NAME,
-                                                            "tiny_scale.nii.gz", "really_gzipped.nii"])
+                                                            "tiny_scale.nii.gz", "really_gzipped.nii", "slab.nii.gz"])
+    assert nib.load(out / "slab.nii.gz").shape == (36, 36, 1)
     # (no stale map of the truncated case, no partial file)
     assert "gone.nii.gz: FAILED:" in result.stdout and "broken or looping symbolic link" in log
     nan_map = nib.load(out / "nan_sform.nii")
@@ -108,13 +110,14 @@ def test_sample_task_survives_a_writer_failure(hostile, tmp_path):
     assert result.returncode == 0, log[-4000:]
     written = {p.name: float(p.read_text()) for p in (tmp_path / "sample").iterdir()}
     # every case but the one whose score file name is too long has its score; the unreadable ones the fallback
-    assert set(written) == {f"{n}.txt" for n in ("good.nii.gz", "nan_sform.nii", "huge_claim.nii.gz", "truncated.nii",
-                                                 "tiny_scale.nii.gz", "really_gzipped.nii", "gone.nii.gz")}
+    scored = ("good.nii.gz", "nan_sform.nii", "huge_claim.nii.gz", "truncated.nii", "tiny_scale.nii.gz",
+              "really_gzipped.nii", "gone.nii.gz", "slab.nii.gz")
+    assert set(written) == {f"{n}.txt" for n in scored}
     assert written["huge_claim.nii.gz.txt"] == written["truncated.nii.txt"] == written["gone.nii.gz.txt"] == 1.0
     assert written["really_gzipped.nii.txt"] == written["good.nii.gz.txt"]
     assert 0 <= written["good.nii.gz.txt"] < 1
     assert f"{LONG_NAME}: FAILED:" in result.stdout and "File name too long" in log
-    assert "summary: 4 done, 4 failed" in result.stdout
+    assert "summary: 5 done, 4 failed" in result.stdout
     assert digest(hostile) == before
 
 

@@ -150,8 +150,8 @@ def _check_scan(path: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         shape = shape[:3]
     if len(shape) != 3:
         raise ValueError(f"not a 3D volume: shape {shape}")
-    if min(shape) < 2:
-        raise ValueError(f"degenerate 3D volume: shape {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"empty 3D volume: shape {shape}")
     voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
     if voxels > max_voxels:
         raise ValueError(f"the header claims {'x'.join(map(str, shape))} = {voxels} voxels, more than "
