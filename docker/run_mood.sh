@@ -16,6 +16,10 @@
 #   MOOD_MODELS_DIR  folder with brain/ and abdom/ subfolders of fold_<k>.pt (default: <bundle>/models),
 #                    e.g. runs/models after `make train`
 #   MOOD_DRY_RUN=1   print the command and its environment, run nothing (the image build uses it as a check)
+#
+# Exit code: 0 when every scan has its output (a failed case in sample mode gets the fallback score and counts as
+# written), 3 when some scans have none (pixel mode: unreadable scans), other non-zero codes for errors that
+# stopped the run (bad arguments, missing models).
 set -euo pipefail
 
 usage() {
@@ -50,6 +54,8 @@ dataset=$2
 input=$(cd -- "$3" && pwd)
 mkdir -p -- "$4" || die "cannot create the output folder '$4'"
 output=$(cd -- "$4" && pwd)
+[[ "$mode" == sample || "$input" != "$output" ]] || die "the output folder is the input folder: the pixel maps \
+would replace the scans (they carry the scans' names); choose another output folder"
 [[ -w "$output" ]] || die "output folder '$output' is not writable by uid $(id -u) (in Docker: build the image \
 with --build-arg USER_UID=<owner's uid> or RUN_AS=root, or make the folder writable)"
 
@@ -132,7 +138,24 @@ while kill -0 "$child" 2>/dev/null; do    # wait was cut short by a signal: wait
     rc=0
     wait "$child" || rc=$?
 done
-if [[ $rc -ne 0 ]]; then
+if [[ $rc -eq 3 ]]; then
+    # some cases failed (named above), every other one was scored: exit 0 when every scan still has its output
+    # (in sample mode the fallback score), so the grader scores what was written
+    missing=0
+    shopt -s nullglob nocaseglob
+    for scan in "$input"/*.nii.gz "$input"/*.nii; do
+        name=$(basename -- "$scan")
+        if [[ $mode == pixel ]]; then target="$output/$name"; else target="$output/$name.txt"; fi
+        [[ -f "$target" ]] || missing=$((missing + 1))
+    done
+    shopt -u nullglob nocaseglob
+    if [[ $missing -eq 0 ]]; then
+        echo "run_mood: some cases failed (see above), but every scan has its output" >&2
+        rc=0
+    else
+        echo "run_mood: $missing scans have no output (see the failures above)" >&2
+    fi
+elif [[ $rc -ne 0 ]]; then
     echo "run_mood: inference failed with exit code $rc" >&2
 fi
 exit "$rc"

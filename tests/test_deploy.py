@@ -45,7 +45,8 @@ def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, model
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
                "--models_dir", str(models_dir), "--model_format", model_format]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    # 3: the toy folder's corrupt file failed, every other case was scored
+    assert result.returncode in (0, 3), result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def toy_folder(normal_scans, dataset: str, folder: Path) -> Path:

@@ -88,3 +88,28 @@ def test_mood_layout_scripts_then_evaluation(normal_scans, default_models, tmp_p
         report = evaluate(root, out, mode)
         assert report["n_cases"] == 4 and not report["missing"] and not report["failed"]
         assert 0.0 < report["average_precision"] <= 1.0
+
+
+def test_run_scripts_exit_code_says_whether_every_scan_has_its_output(normal_scans, default_models, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted(normal_scans["brain"].glob("*.nii.gz"))[0]
+    shutil.copy(good, inputs / good.name)
+    (inputs / "corrupt.nii.gz").write_bytes(b"not a NIfTI file")
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    env = dict(os.environ, MOOD_MODELS_DIR=str(default_models))
+    env.pop("PYTHONPATH", None)
+
+    def run(script: str, output: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(ROOT / "docker" / script), str(inputs), str(output)], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    sample = run("run_sample_brain.sh", tmp_path / "sample")  # the corrupt scan gets the fallback score
+    assert sample.returncode == 0 and "every scan has its output" in sample.stderr, sample.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sample").iterdir()) == sorted(["corrupt.nii.gz.txt", f"{good.name}.txt"])
+    pixel = run("run_pixel_brain.sh", tmp_path / "pixel")  # the corrupt scan has no map
+    assert pixel.returncode == 3 and "1 scans have no output" in pixel.stderr, pixel.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "pixel").iterdir()] == [good.name]
+    same = run("run_pixel_brain.sh", inputs)
+    assert same.returncode != 0 and "the output folder is the input folder" in same.stderr
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before

@@ -14,9 +14,12 @@ from ignite.engine import Engine, Events
 
 from scripts.inference import ERROR, NAME
 
-__all__ = ["FinalValidation", "MetricsJSONWriter", "ProgressReporter"]
+__all__ = ["FAILED_CASES_EXIT_CODE", "FinalValidation", "MetricsJSONWriter", "ProgressReporter", "exit_if_any_failed"]
 
 logger = logging.getLogger(__name__)
+
+# the exit code of an inference run in which some case failed (every other case was still scored)
+FAILED_CASES_EXIT_CODE = 3
 
 
 class FinalValidation:
@@ -113,3 +116,10 @@ class ProgressReporter:
         print(f"summary: {self.done} done, {len(self.failed)} failed, {per_case:.1f} s per case, "
               f"{time.perf_counter() - self.t0:.1f} s in all" + (f"; failed: {self.failed}" if self.failed else ""),
               flush=True)
+
+
+def exit_if_any_failed(reporter: ProgressReporter) -> None:
+    """End the run with :data:`FAILED_CASES_EXIT_CODE` when any case failed, so a caller can tell a complete run
+    from one that scored only some cases (the MOOD run scripts then check that every case has its output)."""
+    if reporter.failed:
+        raise SystemExit(FAILED_CASES_EXIT_CODE)
