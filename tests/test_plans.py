@@ -192,3 +192,17 @@ def test_check_properties_of_both_workflows(normal_scans, tmp_path):
     item = infer.dataset[0]
     foreground = item["image"][torch.as_tensor(item["foreground"]).bool()]
     assert abs(float(foreground.mean())) < 1e-3 and abs(float(foreground.std()) - 1) < 1e-2  # as the plan says
+
+
+def test_training_refuses_too_few_scans_before_any_fold(normal_scans, tmp_path):
+    from scripts.training import main
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(normal_scans["brain"].glob("*.nii.gz"))[:2]:
+        shutil.copy(path, two / path.name)
+    with pytest.raises(SystemExit, match=r"^training: 2 scans are too few .*\(at least 5 scans\)$"):
+        main(["--config_file", *bundle_configs(ROOT / "bundle", "train", "brain"),
+              "--output_dir", str(tmp_path / "run"), "--bundle_root", str(ROOT / "bundle"), "--dataset_dir", str(two),
+              "--cache_dir", str(tmp_path / "cache"), "--spatial_size", "[24,24,24]"])
+    assert not (tmp_path / "run" / "models").exists()  # no plan, no fold started

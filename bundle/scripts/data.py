@@ -170,7 +170,8 @@ def cross_validation_split(
     if not train_scans or not val_scans:
         raise ValueError(
             f"{len(scans)} scans are too few for model fold {fold}: {len(train_scans)} train, "
-            f"{len(val_scans)} validate; every one of the {num_folds} data folds needs at least one scan"
+            f"{len(val_scans)} validate; every one of the {num_folds} data folds needs at least one scan "
+            f"(at least {num_folds} scans)"
         )
     return CrossValidationSplit(
         fold=fold,

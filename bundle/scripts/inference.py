@@ -52,7 +52,8 @@ def describe_error(err: BaseException) -> str:
     """One line for a failure: the innermost cause (MONAI nests the real error inside "applying transform"
     wrappers) with its type, and the transform that raised it when there is one."""
     stage, inner = None, err
-    while inner.__cause__ is not None and "applying transform" in str(inner):
+    # MONAI's wrappers: a transform's ("applying transform <...>") and a config expression's ("Failed to evaluate")
+    while inner.__cause__ is not None and re.search(r"applying transform|Failed to evaluate", str(inner)):
         match = re.search(r"applying transform <([\w.]+)", str(inner))
         stage = match.group(1).rsplit(".", 1)[-1] if match else stage
         inner = inner.__cause__

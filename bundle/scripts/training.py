@@ -194,8 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus", type=int, default=None, help="default: all visible GPUs")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    summary = train_folds(args.config_file, args.output_dir, args.num_train_tasks, overrides=overrides,
-                          bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds)
+    try:
+        summary = train_folds(args.config_file, args.output_dir, args.num_train_tasks, overrides=overrides,
+                              bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # one line, before any fold or after all
+        from scripts.inference import describe_error
+
+        raise SystemExit(f"training: {describe_error(err)}") from None
     print(json.dumps({k: v for k, v in summary.items() if k != "folds"}, indent=1))
     return summary
 
