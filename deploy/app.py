@@ -7,7 +7,8 @@ chosen by MOOD_DATASET, default brain) or one dataset's folder (``bundle/models/
 outputs of every scan: ``OUT/pixel/<name>`` (float32 anomaly map on the input grid) and ``OUT/sample/<name>.txt``
 (abnormality score). The SDK's variables HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH
 stand in for -i, -o and -m (as in a MAP container). MOOD_MODEL_FORMAT picks the fold models: pytorch (state
-dicts, default), torchscript or onnx (the exports made by `make export`).
+dicts, default), torchscript or onnx (the exports made by `make export`); MOOD_ALLOW_PARTIAL_ENSEMBLE=1 scores with
+the folds there are when some of the models' plan are missing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class MoodAnomalyApp(Application):
         bundle_root = find_bundle_root(os.environ.get("MOOD_BUNDLE_ROOT"))
         input_dir = self._input_folder(input_path)
         bundle = BundleInference(bundle_root, dataset, models_dir, input_dir, output_dir,
-                                 os.environ.get("MOOD_MODEL_FORMAT", "pytorch"))
+                                 os.environ.get("MOOD_MODEL_FORMAT", "pytorch"),
+                                 os.environ.get("MOOD_ALLOW_PARTIAL_ENSEMBLE", "0") == "1")
         total = len(bundle.cases)
         logging.info("%s: %d scans from %s, %s models from %s", self.name, total, input_path, dataset, models_dir)
 

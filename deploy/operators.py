@@ -71,7 +71,7 @@ class BundleInference:
     """The bundle's inference config for one dataset, parsed once: the objects the operators run."""
 
     def __init__(self, bundle_root: Path, dataset: str, models_dir: Path, input_dir: Path, output_dir: Path,
-                 model_format: str = "pytorch") -> None:
+                 model_format: str = "pytorch", allow_partial_ensemble: bool = False) -> None:
         from scripts.files import MODEL_SUFFIXES  # importable once the bundle root is known
 
         if model_format not in MODEL_SUFFIXES:
@@ -82,7 +82,7 @@ class BundleInference:
         self.parser.read_config([str(configs / name) for name in ("common.yaml", "inference.yaml", f"{dataset}.yaml")])
         self.parser.update({"bundle_root": str(bundle_root), "models_dir": str(models_dir),
                             "dataset_dir": str(input_dir), "output_dir": str(output_dir / "pixel"),
-                            "model_format": model_format})
+                            "model_format": model_format, "allow_partial_ensemble": allow_partial_ensemble})
         self.parser.get_parsed_content("initialize")  # the bundle's own start-up (determinism, argument checks)
         self.cases = self.parser.get_parsed_content("dataset")
         self.network = self.parser.get_parsed_content("network")

@@ -38,12 +38,13 @@ def run_app(input_path: Path, output_dir: Path, models: Path, check: bool = True
     return result
 
 
-def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, models_dir: Path, model_format: str):
+def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, models_dir: Path, model_format: str,
+               *extra: str):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
     command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
                "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
-               "--models_dir", str(models_dir), "--model_format", model_format]
+               "--models_dir", str(models_dir), "--model_format", model_format, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # 3: the toy folder's corrupt file failed, every other case was scored
     assert result.returncode in (0, 3), result.stdout[-3000:] + result.stderr[-5000:]
@@ -102,9 +103,11 @@ def test_app_builds_a_planned_model_of_another_width_and_grid(normal_scans, plan
     """16 base filters at 48^3 (not the defaults): the app builds network and preprocessing from plans.json."""
     models = planned_models / "models"
     inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
-    run_app(inputs, tmp_path / "app", models / "brain")
+    # one fold of the plan's five was trained: both run the partial ensemble only when asked to
+    assert run_app(inputs, tmp_path / "refused", models / "brain", check=False).returncode != 0
+    run_app(inputs, tmp_path / "app", models / "brain", MOOD_ALLOW_PARTIAL_ENSEMBLE="1")
     for mode in ("pixel", "sample"):
-        run_bundle("brain", inputs, tmp_path / mode, mode, models, "pytorch")
+        run_bundle("brain", inputs, tmp_path / mode, mode, models, "pytorch", "--allow_partial_ensemble", "True")
     assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
 
 

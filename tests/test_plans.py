@@ -74,9 +74,14 @@ def test_inference_and_exports_follow_the_plan_without_any_flag(planned_models, 
         shutil.copy(path, folder / path.name)
     models = planned_models / "models"
     configs = repr(bundle_configs("bundle", "inference", "brain"))
+    # one of the plan's five folds was trained: a partial ensemble is refused unless asked for
+    refused = bundle_run("--config_file", configs, "--dataset_dir", folder, "--output_dir", tmp_path / "refused",
+                         "--models_dir", models, check=False)
+    assert refused.returncode != 0 and "holds 1 of the 5 fold models its plan trained" in refused.stderr
+    assert "fold_1, fold_2, fold_3, fold_4 missing" in refused.stderr and not (tmp_path / "refused").exists()
     for mode in ("pixel", "sample"):
         bundle_run("--config_file", configs, "--dataset_dir", folder, "--output_dir", tmp_path / mode,
-                   "--mode", mode, "--models_dir", models)
+                   "--mode", mode, "--models_dir", models, "--allow_partial_ensemble", "True")
     for path in inputs:
         written = nib.load(tmp_path / "pixel" / path.name)
         assert written.shape == nib.load(path).shape

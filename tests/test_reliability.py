@@ -180,3 +180,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_lowering_the_safety
     with pytest.raises(ValueError, match="is refused: it is not a plain state dict") as info:
         load_ensemble(network_def, models, "brain", "cpu")
     assert "weights_only=False" not in str(info.value)
+
+
+def test_check_folds_refuses_a_partial_ensemble_and_names_failed_folds(tmp_path, caplog):
+    import json
+    import logging
+
+    from scripts.ensemble import check_folds
+
+    folder = tmp_path / "brain"
+    folder.mkdir()
+    (folder / "fold_0.pt").write_bytes(b"")
+    (folder / "summary.json").write_text(json.dumps({"failed_folds": [1]}))
+    plan = {"split": {"model_folds": [{"fold": 0}, {"fold": 1}]}}
+    with caplog.at_level(logging.WARNING, logger="scripts.ensemble"):
+        with pytest.raises(ValueError, match="holds 1 of the 2 fold models its plan trained .fold_1 missing"):
+            check_folds([folder / "fold_0.pt"], plan)
+        check_folds([folder / "fold_0.pt"], plan, allow_partial=True)
+        check_folds([folder / "fold_0.pt"], {"split": None})  # a plan without a split: nothing to compare
+    assert "lists failed folds [1]" in caplog.text and "a partial ensemble: fold_1 missing" in caplog.text

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from monai.data import MetaTensor
 
-from scripts.files import MODEL_SUFFIXES
+from scripts.files import MODEL_SUFFIXES, load_json
 from scripts.plans import PLAN_FILE
 
-__all__ = ["Ensemble", "OnnxNetwork", "load_ensemble", "model_files"]
+__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "model_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,39 @@ def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, devi
     return network
 
 
+def check_folds(files: Sequence[Path], plan: dict | None, allow_partial: bool = False) -> None:
+    """The ensemble is the one the plan trained: every model fold of its split, none missing, unless
+    ``allow_partial``; folds that ``summary.json`` lists as failed are named in the log."""
+    folder = files[0].parent
+    summary = folder / "summary.json"
+    if summary.is_file():
+        failed = load_json(summary).get("failed_folds") or []
+        if failed:
+            logger.warning("%s lists failed folds %s: their models, if any, may be unfinished", summary, failed)
+    split = (plan or {}).get("split")
+    if not split:
+        return
+    expected = {f"fold_{f['fold']}" for f in split["model_folds"]}
+    missing = sorted(expected - {p.stem for p in files})
+    if missing and not allow_partial:
+        raise ValueError(f"{str(folder)!r} holds {len(expected) - len(missing)} of the {len(expected)} fold models its "
+                         f"plan trained ({', '.join(missing)} missing): finish training them, or pass "
+                         "--allow_partial_ensemble true to score with the folds there are")
+    if missing:
+        logger.warning("a partial ensemble: %s missing from %s", ", ".join(missing), folder)
+
+
 def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset: str, device,
-                  model_format: str = "pytorch") -> Ensemble:
+                  model_format: str = "pytorch", plan: dict | None = None,
+                  allow_partial: bool = False) -> Ensemble:
     """Every fold model of ``models_dir/<dataset>`` as one :class:`Ensemble` in eval mode on ``device``:
     plain state dicts ``fold_<k>.pt`` loaded into copies of ``network_def`` (``model_format='pytorch'``), or
-    their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime)."""
+    their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime). With the models' ``plan``,
+    an ensemble missing some of the plan's folds is refused unless ``allow_partial`` (:func:`check_folds`)."""
+    files = model_files(models_dir, dataset, model_format)
+    check_folds(files, plan, allow_partial)
     networks = []
-    for path in model_files(models_dir, dataset, model_format):
+    for path in files:
         state_dict = path.with_suffix(MODEL_SUFFIXES["pytorch"])
         if model_format != "pytorch" and state_dict.is_file() and state_dict.stat().st_mtime > path.stat().st_mtime:
             logger.warning("%s is older than %s: re-export with 'make export'", path, state_dict.name)
