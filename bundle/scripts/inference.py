@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 from scripts.files import is_scan
 
 __all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "RobustDataset", "check_arguments", "describe_error",
-           "exit_cleanly_on_sigterm", "list_inputs", "readable_path"]
+           "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def check_arguments(dataset_dir, output_dir, mode: str) -> None:
         raise ValueError("--dataset_dir (or --input_dir) is required: the folder of scans to score")
     if not output_dir:
         raise ValueError("--output_dir is required")
+    if not Path(dataset_dir).is_dir():
+        raise FileNotFoundError(f"input folder {str(dataset_dir)!r} does not exist or is not a folder")
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ValueError(f"output folder {str(output_dir)!r} exists and is not a folder")
     if mode == "pixel" and Path(dataset_dir).resolve() == Path(output_dir).resolve():
@@ -62,6 +64,23 @@ def describe_error(err: BaseException) -> str:
     if isinstance(inner, ValueError) and text:  # the bundle's own checks: their message says it all
         reason = text
     return f"{stage}: {reason}" if stage else reason
+
+
+def one_line_errors(debug_variable: str = "MOOD_DEBUG") -> None:
+    """An error that ends a command-line run prints one line, its real cause (:func:`describe_error`), instead of
+    a traceback of MONAI's config machinery; ``MOOD_DEBUG=1`` keeps the traceback. Only uncaught errors are
+    affected, so callers that handle errors themselves see no difference."""
+    import sys
+
+    if os.environ.get(debug_variable) == "1":
+        return
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            return sys.__excepthook__(kind, value, traceback)
+        print(f"error: {describe_error(value)}  ({debug_variable}=1 shows the traceback)", file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 def exit_cleanly_on_sigterm() -> None:
