@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 
-.PHONY: setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+help:
+	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
+	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference'
+	@echo '     demo-train [GPU=1] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package | clean'
+	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
+
+.PHONY: help setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
