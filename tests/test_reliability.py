@@ -4,8 +4,8 @@ that now fails is removed; the input folder is never written to."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -21,10 +21,10 @@ from scripts.files import bundle_configs
 from scripts.inference import describe_error
 from scripts.postprocessing import write_atomically
 from scripts.transforms import NormaliseIntensity
+from tools.hostile_inputs import LONG_NAME, claim_header, nan_sform_nii
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
-LONG_NAME = "l" * (255 - len(".nii.gz")) + ".nii.gz"  # a legal file name whose "<name>.txt" is one too long
 
 
 def infer(input_dir: Path, output_dir: Path, mode: str, models: Path) -> subprocess.CompletedProcess:
@@ -34,25 +34,6 @@ def infer(input_dir: Path, output_dir: Path, mode: str, models: Path) -> subproc
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
                "--models_dir", str(models)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def nan_sform_nii(volume: np.ndarray) -> bytes:
-    """An uncompressed NIfTI whose sform is NaN (MONAI's reader falls back to a finite affine, nibabel's does not)."""
-    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
-    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:348]))
-    header["srow_x"] = header["srow_y"] = header["srow_z"] = np.nan
-    header["sform_code"] = 1
-    return header.binaryblock + raw[348:]
-
-
-def huge_claim_nii_gz(path: Path) -> None:
-    """A few hundred bytes whose header claims 1200^3 float32 (6.9 GB)."""
-    header = nib.Nifti1Header()
-    header.set_data_shape((1200, 1200, 1200))
-    header.set_data_dtype(np.float32)
-    import gzip
-
-    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096))
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -68,7 +49,7 @@ def hostile(tmp_path_factory, normal_scans):
     (folder / "good.nii.gz").write_bytes(good.read_bytes())
     (folder / "nan_sform.nii").write_bytes(nan_sform_nii(volume))
     (folder / LONG_NAME).write_bytes(good.read_bytes())
-    huge_claim_nii_gz(folder / "huge_claim.nii.gz")
+    (folder / "huge_claim.nii.gz").write_bytes(gzip.compress(claim_header((1200, 1200, 1200))))  # 6.9 GB claimed
     truncated = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
     (folder / "truncated.nii").write_bytes(truncated[: len(truncated) // 2])
     # uncompressed despite its name, and at a scale a fixed guard would not normalise
@@ -212,7 +193,6 @@ def run_script(script: str, inputs: Path, output: Path, models: Path, memory_kb:
 
 @pytest.mark.parametrize("mode", ["pixel", "sample"])
 def test_the_hostile_corpus_through_the_run_scripts_under_a_memory_limit(mode, tmp_path, default_models):
-    from tools.hostile_inputs import LONG_NAME as CORPUS_LONG_NAME
     from tools.hostile_inputs import write_hostile_corpus
 
     corpus = write_hostile_corpus(tmp_path / "in")
@@ -220,8 +200,8 @@ def test_the_hostile_corpus_through_the_run_scripts_under_a_memory_limit(mode, t
     child = run_script(f"run_{mode}_brain.sh", tmp_path / "in", tmp_path / "out", default_models)
     stdout, stderr = child.communicate(timeout=600)
     scored = sorted(n for n, c in corpus.items() if c["outcome"] == "scored"
-                    or (n == CORPUS_LONG_NAME and mode == "pixel"))
-    failed = sorted(n for n, c in corpus.items() if c["outcome"] == "failed" or n == CORPUS_LONG_NAME) \
+                    or (n == LONG_NAME and mode == "pixel"))
+    failed = sorted(n for n, c in corpus.items() if c["outcome"] == "failed" or n == LONG_NAME) \
         if mode == "sample" else sorted(n for n, c in corpus.items() if c["outcome"] == "failed")
     assert child.returncode == 3, stderr[-3000:]  # some scans have no output (pixel: unreadable; sample: the long name)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -230,7 +210,7 @@ def test_the_hostile_corpus_through_the_run_scripts_under_a_memory_limit(mode, t
         for name in scored:
             assert np.isfinite(np.asanyarray(nib.load(tmp_path / "out" / name).dataobj)).all()
     else:  # the unreadable ones with the fallback score, except the one whose score file cannot be named
-        assert written == sorted(f"{n}.txt" for n in scored + failed if n != CORPUS_LONG_NAME)
+        assert written == sorted(f"{n}.txt" for n in scored + failed if n != LONG_NAME)
     for name in failed:
         assert f"{name}: FAILED: " in stdout, name
     for name in (n for n, c in corpus.items() if c["outcome"] == "skipped"):

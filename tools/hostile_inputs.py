@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["CORPUS", "write_hostile_corpus"]
+__all__ = ["CORPUS", "LONG_NAME", "claim_header", "nan_sform_nii", "write_hostile_corpus"]
 
 LONG_NAME = "l" * (255 - len(".nii.gz")) + ".nii.gz"  # a legal file name whose "<name>.txt" is one byte too long
 
@@ -57,7 +57,9 @@ CORPUS: dict[str, tuple[str, str]] = {
 }
 
 
-def _nan_sform(volume: np.ndarray) -> bytes:
+def nan_sform_nii(volume: np.ndarray) -> bytes:
+    """An uncompressed NIfTI of ``volume`` whose sform is NaN (MONAI's reader falls back to a finite affine,
+    nibabel's does not)."""
     raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:348]))
     header["srow_x"] = header["srow_y"] = header["srow_z"] = np.nan
@@ -65,7 +67,8 @@ def _nan_sform(volume: np.ndarray) -> bytes:
     return header.binaryblock + raw[348:]
 
 
-def _claim(shape: tuple[int, ...]) -> bytes:
+def claim_header(shape: tuple[int, ...]) -> bytes:
+    """A NIfTI header claiming ``shape`` float32, followed by a few bytes of data only."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(np.float32)
@@ -80,7 +83,9 @@ def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 
     axes = np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")
     inside = sum(a**2 for a in axes) < 0.7
     volume = np.where(inside, 100 + 20 * rng.standard_normal((size,) * 3), 0).astype(np.float32)
-    save = lambda array, name, affine=np.eye(4): nib.save(nib.Nifti1Image(array, affine), folder / name)  # noqa: E731
+
+    def save(array: np.ndarray, name: str, affine: np.ndarray | None = None) -> None:
+        nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), folder / name)
 
     save(volume, "good.nii.gz")
     save((volume * 10).astype(np.int16), "int16.nii.gz")
@@ -91,7 +96,7 @@ def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 
     save(broken, "nan_inf.nii.gz")
     save(volume[..., None], "trailing_one.nii")
     save(volume[:, :, size // 2 : size // 2 + 1].copy(), "slab.nii.gz")
-    (folder / "nan_sform.nii").write_bytes(_nan_sform(volume))
+    (folder / "nan_sform.nii").write_bytes(nan_sform_nii(volume))
     (folder / "tiny_scale.nii.gz").write_bytes(nib.Nifti1Image(volume * 1e-12, np.eye(4)).to_bytes())
     (folder / "really_gzipped.nii").write_bytes((folder / "good.nii.gz").read_bytes())
     (folder / "UPPER.NII.GZ").write_bytes((folder / "good.nii.gz").read_bytes())
@@ -101,8 +106,8 @@ def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 
     (folder / "empty.nii.gz").write_bytes(b"")
     save(volume[:, :, 0].copy(), "flat.nii.gz")
     save(np.stack([volume] * 3, -1), "series.nii.gz")
-    (folder / "huge_claim.nii.gz").write_bytes(gzip.compress(_claim((1200, 1200, 1200))))
-    (folder / "bomb_claim.nii").write_bytes(_claim((1600, 1600, 1600)))
+    (folder / "huge_claim.nii.gz").write_bytes(gzip.compress(claim_header((1200, 1200, 1200))))
+    (folder / "bomb_claim.nii").write_bytes(claim_header((1600, 1600, 1600)))
     whole = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
     (folder / "truncated.nii").write_bytes(whole[: len(whole) // 2])
     compressed = (folder / "good.nii.gz").read_bytes()
