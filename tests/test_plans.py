@@ -124,8 +124,8 @@ def test_ensure_plan_writes_once_and_compares_afterwards(tmp_path, caplog):
     abdom = default_plan("abdom", fingerprint={"percentile_00_5": 0.0, "percentile_99_5": 1.0, "mean": 0.5, "std": 1})
     with pytest.raises(PlanConflictError, match="dataset"):
         ensure_plan(tmp_path, abdom)
+    shutil.copytree(tmp_path, tmp_path.parent / "other" / "abdom")  # a brain plan in an abdom folder
     with pytest.raises(ValueError, match="is the plan of 'brain' models, not 'abdom'"):
-        shutil.copytree(tmp_path, tmp_path.parent / "other" / "abdom")
         load_plan(tmp_path.parent / "other", "abdom")
 
 

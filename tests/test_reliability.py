@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from conftest import write_models
-from scripts.files import bundle_configs
+from scripts.files import bundle_configs, write_atomically
 from scripts.inference import describe_error
-from scripts.postprocessing import write_atomically
 from scripts.transforms import NormaliseIntensity
 from tools.hostile_inputs import LONG_NAME, claim_header, nan_sform_nii
 

@@ -5,8 +5,8 @@ large claims are headers only.
 
     PYTHONPATH=bundle:. python -m tools.hostile_inputs --output_dir DIR [--size 32]
 
-Writes the files into DIR and ``DIR/../hostile_inputs.json`` (name -> kind, outcome); the tests run the MOOD
-run scripts on it (tests/test_reliability.py) and the model card lists the table.
+Writes the files into DIR and prints the table (name -> kind, outcome) as JSON; the tests run the MOOD run
+scripts on it (tests/test_reliability.py) and the model card lists the table.
 """
 
 from __future__ import annotations
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
     corpus = write_hostile_corpus(args.output_dir, args.size)
-    table = Path(args.output_dir).resolve().parent / "hostile_inputs.json"
-    table.write_text(json.dumps(corpus, indent=1) + "\n")
-    print(table)
+    print(json.dumps(corpus, indent=1))
     return corpus
 
 

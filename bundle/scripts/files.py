@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json", "save_json"]
+__all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json", "save_json",
+           "write_atomically"]
 
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # file suffix of one fold model per ``model_format`` (the exports are made by ``scripts.export`` / ``make export``)
@@ -36,23 +38,34 @@ def is_scan(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(SCAN_SUFFIXES)
 
 
-def save_json(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` (a JSON-able object or a dataclass) to ``path`` atomically: a reader sees the old file or
-    the whole new one, never a part."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Write ``path`` through ``write(temporary path)``, then move the finished file into place: a stop or a full
+    disk mid-write leaves the old file or none, never a truncated one. The temporary file sits in the same folder
+    (the move is atomic) and keeps the suffix (nibabel chooses compression by it). ``replace=False`` creates
+    ``path`` only if it does not exist yet (a hard link; FileExistsError otherwise), so of several writers at once
+    exactly one wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_json(obj, path: str | os.PathLike, replace: bool = True) -> Path:
+    """Write ``obj`` (a JSON-able object or a dataclass) to ``path`` with :func:`write_atomically`."""
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
     text = json.dumps(obj, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text), replace)
 
 
 def load_json(path: str | os.PathLike):

@@ -19,14 +19,13 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from scripts.data import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
-from scripts.files import load_json
+from scripts.files import load_json, save_json
 
 __all__ = [
     "PLAN_FILE",
@@ -135,7 +134,7 @@ def build_network(plan: Mapping) -> torch.nn.Module:
     return network_class(**copy.deepcopy(spec["args"]))
 
 
-def _same_setup(a: Mapping, b: Mapping) -> list[str]:
+def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
     return [key for key in _SETUP_KEYS if a.get(key) != b.get(key)]
 
 
@@ -145,23 +144,16 @@ def ensure_plan(model_dir: str | os.PathLike, plan: Mapping) -> Path:
 
     Safe when several processes (the folds, the ranks of a DDP run) call it at once: the file is created whole and
     only once (a hard link of a finished temporary file), and everyone else compares with it."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / PLAN_FILE
+    path = Path(model_dir) / PLAN_FILE
     plan = json.loads(json.dumps(plan))
-    fd, tmp = tempfile.mkstemp(prefix=f".{PLAN_FILE}.", suffix=".tmp", dir=model_dir)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(plan, indent=2) + "\n")
-        os.link(tmp, path)
+        save_json(plan, path, replace=False)
         logger.info("wrote the plan of the %s models: %s", plan.get("dataset"), path)
         return path
     except FileExistsError:
         pass
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     existing = load_json(path)
-    differ = _same_setup(existing, plan)
+    differ = _differing_keys(existing, plan)
     if differ:
         details = "; ".join(f"{k}: {json.dumps(existing.get(k))[:120]} there, {json.dumps(plan.get(k))[:120]} now"
                             for k in differ)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.files import write_atomically
 from scripts.inference import ERROR, NAME, PATH, readable_path
 
 __all__ = ["WritePixelMapd", "WriteSampleScored", "sample_score"]
@@ -30,23 +29,6 @@ def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.
     flat = prediction.reshape(-1).float()
     k = max(1, int(round(top_fraction * flat.numel())))
     return flat.topk(k).values.mean()
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``write(temporary path)`` and rename the finished file into place: a stop or a full
-    disk mid-write leaves the old file or none, never a truncated one. The temporary file sits in the same
-    folder (the rename is atomic) and keeps the suffix (nibabel chooses compression by it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _remove_stale(path: Path) -> None:
