@@ -16,6 +16,9 @@ help:
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
 DATASET ?= brain
+DATASETS := brain abdom
+# one clear line for a dataset name the bundle has no overlay for (instead of MONAI's traceback)
+check_dataset = $(if $(filter $(DATASETS),$(DATASET)),,$(error DATASET must be one of: $(DATASETS); got '$(DATASET)'))
 OUT ?= runs
 T ?= 1
 # the inference workflow's configs for a dataset: the shared part, the workflow, the dataset overlay
@@ -74,6 +77,7 @@ bench-training: setup
 
 train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
+	$(check_dataset)
 	$(PY) -m scripts.training --config_file bundle/configs/common.yaml bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
 		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
@@ -82,6 +86,7 @@ train: setup
 MODE ?= pixel
 infer: setup
 	@test -n "$(IN)" || (echo "usage: make infer IN=<folder of scans> OUT=<folder> [DATASET=brain|abdom] [MODE=pixel|sample]"; exit 2)
+	$(check_dataset)
 	$(PY) -m monai.bundle run --meta_file bundle/configs/metadata.json --bundle_root bundle \
 		--config_file "$(call inference_configs,$(DATASET))" \
 		--dataset_dir "$(IN)" --output_dir "$(OUT)" --mode $(MODE) $(if $(MODELS),--models_dir "$(MODELS)")
@@ -102,6 +107,7 @@ bench-inference: setup
 # toy normal scans for trying training without MOOD data: `make normals DATASET=brain [OUT=data/normals/brain]`
 # (without OUT they go to data/normals/<DATASET>, never into the training run folder)
 normals: setup
+	$(check_dataset)
 	$(PY) -m tools.phantoms --dataset $(DATASET) --output_dir "$(if $(filter runs,$(OUT)),data/normals/$(DATASET),$(OUT))" --count 20
 
 # The model-zoo checks, as MONAI's CLI runs them, for both dataset configs: metadata against the official
@@ -151,6 +157,7 @@ deploy-test: setup deploy-setup
 # `make deploy-run IN=<scans> OUT=<folder> [MODELS=bundle/models] [DATASET=brain|abdom]`: the app, locally.
 deploy-run: deploy-setup
 	@test -n "$(IN)" -a "$(OUT)" != runs || (echo "usage: make deploy-run IN=<folder of scans> OUT=<folder> [MODELS=bundle/models] [DATASET=brain|abdom]"; exit 2)
+	$(check_dataset)
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).

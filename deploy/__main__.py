@@ -1,6 +1,8 @@
 """Entry point of the packaged application (MAP): `python <app folder>` runs the app."""
 
-from app import MoodAnomalyApp
+import sys
+
+from app import main
 
 if __name__ == "__main__":
-    MoodAnomalyApp().run()
+    sys.exit(main())

@@ -9,6 +9,9 @@ outputs of every scan: ``OUT/pixel/<name>`` (float32 anomaly map on the input gr
 stand in for -i, -o and -m (as in a MAP container). MOOD_MODEL_FORMAT picks the fold models: pytorch (state
 dicts, default), torchscript or onnx (the exports made by `make export`); MOOD_ALLOW_PARTIAL_ENSEMBLE=1 scores with
 the folds there are when some of the models' plan are missing.
+
+Exit codes, as the bundle's inference: 0 when every scan was scored, 3 when some scan failed (each is named on
+its progress line and every other scan was scored), another non-zero code when the app could not start.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,6 +40,7 @@ class MoodAnomalyApp(Application):
     """Scores every scan of the input folder with the bundle's inference, one case at a time."""
 
     name = "mood_anomaly_app"
+    failed_cases: list[str] | tuple = ()  # the writer's list once composed
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
     version = "0.5.0"
 
@@ -54,6 +59,7 @@ class MoodAnomalyApp(Application):
         loader = ScanLoaderOperator(self, CountCondition(self, total), bundle=bundle, name="scan_loader")
         inference = EnsembleInferenceOperator(self, bundle=bundle, name="ensemble_inference")
         writer = MoodWriterOperator(self, bundle=bundle, total=total, name="mood_writer")
+        self.failed_cases = writer.failed  # filled while the app runs
         self.add_flow(loader, inference, {("case", "case")})
         self.add_flow(inference, writer, {("case", "case")})
 
@@ -70,5 +76,14 @@ class MoodAnomalyApp(Application):
         return folder
 
 
+def main() -> int:
+    """Run the app; the exit code says whether any scan failed (``FAILED_CASES_EXIT_CODE``, as the bundle)."""
+    app = MoodAnomalyApp()
+    app.run()
+    from scripts.handlers import FAILED_CASES_EXIT_CODE  # importable once compose found the bundle root
+
+    return FAILED_CASES_EXIT_CODE if app.failed_cases else 0
+
+
 if __name__ == "__main__":
-    MoodAnomalyApp().run()
+    sys.exit(main())

@@ -129,7 +129,12 @@ class EnsembleInferenceOperator(Operator):
     def compute(self, op_input, op_output, context) -> None:
         case = op_input.receive("case")
         if not case.get("error"):
-            case = self.predict(case)
+            started = case["started"]
+            try:
+                case = self.predict(case)
+            except Exception as err:  # one case's failure never stops the others: the writer names it
+                logger.exception("%s: the ensemble failed", case["name"])
+                case = {**case, "started": started, "error": f"network: {type(err).__name__}: {err}"}
         op_output.emit(case, "case")
 
     def predict(self, case: dict) -> dict:

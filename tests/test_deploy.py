@@ -19,6 +19,7 @@ import pytest
 
 from scripts.export import export_dataset
 from scripts.files import bundle_configs
+from scripts.handlers import FAILED_CASES_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = os.environ.get("MOOD_DEPLOY_PYTHON")
@@ -27,14 +28,15 @@ pytestmark = pytest.mark.skipif(
     not DEPLOY_PYTHON, reason="needs the MONAI Deploy environment: run `make deploy-test`")
 
 
-def run_app(input_path: Path, output_dir: Path, models: Path, check: bool = True, **env: str):
+def run_app(input_path: Path, output_dir: Path, models: Path, expected: int | None = 0, **env: str):
+    """The app as a subprocess; ``expected``: its exit code (3: some case failed), or None to not check."""
     environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MOOD_DATASET")}
     environment.update(env)
     result = subprocess.run([DEPLOY_PYTHON, str(ROOT / "deploy/app.py"), "-i", str(input_path), "-o", str(output_dir),
                              "-m", str(models)], cwd=output_dir.parent, env=environment, capture_output=True,
                             text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    if expected is not None:
+        assert result.returncode == expected, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
@@ -80,9 +82,9 @@ def test_app_outputs_equal_bundle_inference_with_the_shipped_models(dataset, nor
     inputs = toy_folder(normal_scans, dataset, tmp_path / "in")
     models = ROOT / "bundle/models"
     if dataset == "brain":  # the models folder, dataset chosen by MOOD_DATASET
-        result = run_app(inputs, tmp_path / "app", models, MOOD_DATASET="brain")
+        result = run_app(inputs, tmp_path / "app", models, FAILED_CASES_EXIT_CODE, MOOD_DATASET="brain")
     else:  # one dataset's folder: the dataset is its name
-        result = run_app(inputs, tmp_path / "app", models / dataset)
+        result = run_app(inputs, tmp_path / "app", models / dataset, FAILED_CASES_EXIT_CODE)
     assert "summary: 3 done, 1 failed" in result.stdout
     for mode in ("pixel", "sample"):
         run_bundle(dataset, inputs, tmp_path / mode, mode, models, "pytorch")
@@ -93,7 +95,7 @@ def test_app_runs_exported_onnx_models_like_the_bundle(normal_scans, default_mod
     models = Path(shutil.copytree(default_models, tmp_path / "models"))
     export_dataset(models, "brain", formats=["onnx"], bundle_root=ROOT / "bundle")
     inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
-    run_app(inputs, tmp_path / "app", models / "brain", MOOD_MODEL_FORMAT="onnx")
+    run_app(inputs, tmp_path / "app", models / "brain", FAILED_CASES_EXIT_CODE, MOOD_MODEL_FORMAT="onnx")
     for mode in ("pixel", "sample"):
         run_bundle("brain", inputs, tmp_path / mode, mode, models, "onnx")
     assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
@@ -104,8 +106,8 @@ def test_app_builds_a_planned_model_of_another_width_and_grid(normal_scans, plan
     models = planned_models / "models"
     inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
     # one fold of the plan's five was trained: both run the partial ensemble only when asked to
-    assert run_app(inputs, tmp_path / "refused", models / "brain", check=False).returncode != 0
-    run_app(inputs, tmp_path / "app", models / "brain", MOOD_ALLOW_PARTIAL_ENSEMBLE="1")
+    assert run_app(inputs, tmp_path / "refused", models / "brain", expected=None).returncode not in (0, 3)
+    run_app(inputs, tmp_path / "app", models / "brain", FAILED_CASES_EXIT_CODE, MOOD_ALLOW_PARTIAL_ENSEMBLE="1")
     for mode in ("pixel", "sample"):
         run_bundle("brain", inputs, tmp_path / mode, mode, models, "pytorch", "--allow_partial_ensemble", "True")
     assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
@@ -120,9 +122,9 @@ def test_app_takes_a_single_scan_and_reports_bad_settings_clearly(normal_scans, 
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_app(empty, tmp_path / "out", models, check=False)
+    result = run_app(empty, tmp_path / "out", models, expected=None)
     assert result.returncode != 0 and "holds no *.nii.gz or *.nii scans" in result.stderr
-    result = run_app(scan, tmp_path / "out", models, check=False, MOOD_DATASET="knee")
+    result = run_app(scan, tmp_path / "out", models, expected=None, MOOD_DATASET="knee")
     assert result.returncode != 0 and "dataset must be one of" in result.stderr
-    result = run_app(scan, tmp_path / "out", models / "abdom", check=False, MOOD_DATASET="brain")
+    result = run_app(scan, tmp_path / "out", models / "abdom", expected=None, MOOD_DATASET="brain")
     assert result.returncode != 0 and "holds 'abdom' models, not 'brain'" in result.stderr

@@ -206,8 +206,11 @@ def test_the_hostile_corpus_through_the_run_scripts_under_a_memory_limit(mode, t
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     if mode == "pixel":
         assert written == scored  # every readable case scored, nothing else written
-        for name in scored:
-            assert np.isfinite(np.asanyarray(nib.load(tmp_path / "out" / name).dataobj)).all()
+        maps = {name: np.asanyarray(nib.load(tmp_path / "out" / name).dataobj) for name in scored}
+        assert all(np.isfinite(m).all() for m in maps.values())
+        for name in ("tiny_scale.nii.gz", "huge_scale.nii", "tiny_float64.nii", "gzip_bomb.nii.gz"):
+            np.testing.assert_allclose(maps[name], maps["good.nii.gz"], atol=2e-3, err_msg=name)  # scale-free
+        assert maps["outliers.nii.gz"].std() > 0.5 * maps["good.nii.gz"].std()  # two absurd voxels: not constant
     else:  # the unreadable ones with the fallback score, except the one whose score file cannot be named
         assert written == sorted(f"{n}.txt" for n in scored + failed if n != LONG_NAME)
     for name in failed:
@@ -240,3 +243,23 @@ def test_a_stop_during_the_run_leaves_only_whole_outputs(tmp_path, default_model
     assert left and all(n.startswith("case_") for n in left), left  # no partial file, no temporary folder
     for name in left:
         assert np.asanyarray(nib.load(out / name).dataobj).shape == big.shape  # every map is whole
+
+
+@pytest.mark.parametrize("workflow", ["inference", "train"])
+def test_help_of_a_bundle_workflow_prints_its_usage_and_does_no_work(workflow, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
+               "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", workflow, "brain")),
+               "--output_dir", str(tmp_path / "out"), "--help"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Settings (--key value)" in result.stdout and "monai.bundle run" in result.stdout
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
+    for target in (["infer", f"IN={tmp_path}", f"OUT={tmp_path / 'out'}"], ["train", f"DATA={tmp_path}"]):
+        result = subprocess.run(["make", "-n", *target, "DATASET=liver"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode != 0 and "DATASET must be one of: brain abdom; got 'liver'" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -237,8 +237,31 @@ def test_finite_intensity_repairs_nan_and_inf_from_the_finite_range():
     mask = torch.isfinite(image)
     assert torch.equal(out[mask], image[mask])
     assert not FiniteIntensity()(torch.full((1, 3, 3), float("nan"))).any()
-    clean = np.arange(8, dtype=np.int16).reshape(1, 2, 4)
-    assert FiniteIntensity()(clean) is clean  # an all-finite image is returned untouched, dtype included
+    clean = torch.arange(8, dtype=torch.float32).reshape(1, 2, 4)
+    assert FiniteIntensity()(clean) is clean  # a clean float32 image is returned untouched
+    integers = np.arange(8, dtype=np.int16).reshape(1, 2, 4)
+    out = FiniteIntensity()(integers)  # any other type is cast to float32 after the checks
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and np.array_equal(out, integers)
+
+
+def test_finite_intensity_repairs_before_the_float32_cast_at_any_scale(caplog):
+    image = IMAGE.double()
+    for scale in (1e300, 1e-300):  # a float64 scan in an absurd unit: cast first, it would be Inf or zeros
+        scan = MetaTensor(image * scale, meta={"filename_or_obj": "odd_unit.nii"})
+        with caplog.at_level("WARNING", logger="scripts.transforms"):
+            out = FiniteIntensity()(scan)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.std() > 0
+        exponent = torch.log2(out.double()[image != 0] / scan.as_tensor()[image != 0])
+        assert torch.allclose(exponent, exponent.round(), atol=1e-6)  # a power of two: a z-score is unchanged
+        assert exponent.round().unique().numel() == 1
+        assert "odd_unit.nii: intensities repaired: rescaled by 2^" in caplog.text
+        caplog.clear()
+    outliers = image.clone()
+    outliers[0, 3, 3, 3], outliers[0, 4, 4, 4] = 1e300, -1e300  # a few absurd voxels in a normal scan
+    out = FiniteIntensity()(outliers)
+    keep = outliers.abs() < 1e300
+    assert torch.equal(out[keep], image[keep].float())  # the rest is not rescaled away
+    assert out[0, 3, 3, 3] == image[keep].max().float() and out[0, 4, 4, 4] == image[keep].min().float()
 
 
 def test_intensity_foreground_thresholds_between_the_minimum_and_the_99th_percentile():

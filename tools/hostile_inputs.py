@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["CORPUS", "LONG_NAME", "claim_header", "nan_sform_nii", "write_hostile_corpus"]
+__all__ = ["CORPUS", "LONG_NAME", "claim_header", "gzip_bomb", "nan_sform_nii", "write_hostile_corpus"]
 
 LONG_NAME = "l" * (255 - len(".nii.gz")) + ".nii.gz"  # a legal file name whose "<name>.txt" is one byte too long
 
@@ -36,6 +36,11 @@ CORPUS: dict[str, tuple[str, str]] = {
     "slab.nii.gz": ("one slice thick", "scored"),
     "nan_sform.nii": ("a NaN sform (nibabel cannot decompose it)", "scored"),
     "tiny_scale.nii.gz": ("intensities x 1e-12, uncompressed despite the .gz name", "scored"),
+    "huge_scale.nii": ("float64 intensities x 1e300 (Inf if cast to float32 first)", "scored"),
+    "tiny_float64.nii": ("float64 intensities x 1e-300 (zeros if cast to float32 first)", "scored"),
+    "outliers.nii.gz": ("float64 with two voxels at +-1e300", "scored"),
+    "gzip_bomb.nii.gz": ("a clean scan followed by 4 GB of gzipped zeros (only the header's claim is read)",
+                         "scored"),
     "really_gzipped.nii": ("gzip-compressed despite the .nii name", "scored"),
     "UPPER.NII.GZ": ("an upper-case suffix", "scored"),
     "..nii.gz": ("a name that is nearly all suffix", "scored"),
@@ -75,6 +80,13 @@ def claim_header(shape: tuple[int, ...]) -> bytes:
     return header.binaryblock + b"\0" * 4 + b"\0" * 4096
 
 
+def gzip_bomb(nifti: bytes, inflated_gib: int = 4) -> bytes:
+    """``nifti`` gzipped and followed by gzip members of zeros that inflate to ``inflated_gib`` GiB (each
+    member is the same 64 MiB of zeros, compressed once): a few MB on disk."""
+    zeros = gzip.compress(bytes(64 << 20), compresslevel=9)
+    return gzip.compress(nifti) + zeros * (inflated_gib * 16)
+
+
 def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 0) -> dict[str, dict]:
     """Write :data:`CORPUS` into ``folder`` (created); returns ``{name: {"kind", "outcome"}}``."""
     folder = Path(folder)
@@ -98,6 +110,12 @@ def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 
     save(volume[:, :, size // 2 : size // 2 + 1].copy(), "slab.nii.gz")
     (folder / "nan_sform.nii").write_bytes(nan_sform_nii(volume))
     (folder / "tiny_scale.nii.gz").write_bytes(nib.Nifti1Image(volume * 1e-12, np.eye(4)).to_bytes())
+    save(volume.astype(np.float64) * 1e300, "huge_scale.nii")
+    save(volume.astype(np.float64) * 1e-300, "tiny_float64.nii")
+    outliers = volume.astype(np.float64)
+    outliers[3, 3, 3], outliers[4, 4, 4] = 1e300, -1e300
+    save(outliers, "outliers.nii.gz")
+    (folder / "gzip_bomb.nii.gz").write_bytes(gzip_bomb(nib.Nifti1Image(volume, np.eye(4)).to_bytes()))
     (folder / "really_gzipped.nii").write_bytes((folder / "good.nii.gz").read_bytes())
     (folder / "UPPER.NII.GZ").write_bytes((folder / "good.nii.gz").read_bytes())
     (folder / "..nii.gz").write_bytes((folder / "good.nii.gz").read_bytes())

@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 from scripts.files import is_scan
 
 __all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "RobustDataset", "check_arguments", "describe_error",
-           "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path"]
+           "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path", "show_usage"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ def one_line_errors(debug_variable: str = "MOOD_DEBUG") -> None:
         print(f"error: {describe_error(value)}  ({debug_variable}=1 shows the traceback)", file=sys.stderr)
 
     sys.excepthook = hook
+
+
+def show_usage(requested: bool, usage: str) -> None:
+    """``--help`` of a bundle workflow: MONAI's command line passes it on as the config key ``help``; print the
+    config's ``usage`` and exit 0 before any work."""
+    import sys
+
+    if requested:
+        print(usage.rstrip())
+        sys.exit(0)
 
 
 def exit_cleanly_on_sigterm() -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ __all__ = [
 ]
 
 NO_ANOMALY = "none"
+logger = logging.getLogger(__name__)
 
 
 def _tensor(value: NdarrayOrTensor, device: torch.device | None = None) -> torch.Tensor:
@@ -38,25 +41,78 @@ def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
     return image[(slice(None), *([slice(None, None, step)] * (image.ndim - 1)))].reshape(-1)
 
 
+# Beyond 2^60 in magnitude the squares that a z-score sums overflow float32 (2^128); below 2^-60 a float64
+# scan's values round to zero in float32. Scans are far inside: HU are below 2^12, MR arbitrary units below 2^20.
+SAFE_MAGNITUDE = 2.0**60
+
+
+def _source(img: NdarrayOrTensor) -> str:
+    """The file an image came from (MONAI's ``filename_or_obj``), for log lines."""
+    meta = getattr(img, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or "an image")
+
+
 class FiniteIntensity(Transform):
-    """Replace NaN by the lowest finite intensity (background) and +-Inf by the highest / lowest finite one,
-    so that a scan with a few broken voxels is still scored (as ``torch.nan_to_num`` with data-derived
-    values). An image without any finite voxel becomes all zeros; an all-finite image is returned as is.
-    A repaired image is float32, of the input's type (numpy, torch or MetaTensor with its metadata)."""
+    """Make a scan's intensities finite float32 before anything casts or sums them, so that a scan with a few
+    broken voxels, or in an odd unit, is still scored:
+
+    - NaN becomes the lowest in-range intensity (background), +-Inf and finite values beyond
+      ``SAFE_MAGNITUDE`` (1e300 in a float64 file) the highest / lowest in-range one, as
+      ``torch.nan_to_num`` with data-derived values;
+    - a scan whose typical magnitude (99th percentile of its nonzero ``|x|``) lies outside
+      [1 / SAFE_MAGNITUDE, SAFE_MAGNITUDE] is first rescaled by a power of two (exact; a z-score does not
+      change), so a float64 scan x 1e300 or x 1e-300 is not cast to Inf or to zeros.
+
+    Use it right after ``LoadImaged(dtype=None)``, which keeps the file's own data type. The output is float32
+    of the input's type (numpy, torch or MetaTensor with its metadata); a float32 scan that needs nothing is
+    returned as is. Every repair is logged with the file's name. An image without any finite voxel becomes all
+    zeros."""
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         values = _tensor(img)
+        if values.dtype == torch.bool:
+            values = values.to(torch.uint8)
+        if values.numel() and self._in_range(values):
+            if values.dtype == torch.float32:
+                return img
+            return convert_to_dst_type(values.float(), img, dtype=torch.float32)[0]
+        return convert_to_dst_type(self._repair(values, _source(img)), img, dtype=torch.float32)[0]
+
+    @staticmethod
+    def _in_range(values: torch.Tensor) -> bool:
+        low, high = (float(v) for v in torch.aminmax(values))  # NaN if any voxel is NaN
+        magnitude = max(abs(low), abs(high))
+        return math.isfinite(magnitude) and (magnitude == 0 or 1 / SAFE_MAGNITUDE <= magnitude <= SAFE_MAGNITUDE)
+
+    @staticmethod
+    def _repair(values: torch.Tensor, source: str) -> torch.Tensor:
+        values = values.double() if not values.is_floating_point() else values
         finite = torch.isfinite(values)
-        if bool(finite.all()):
-            return img
-        if bool(finite.any()):
-            low, high = float(values[finite].min()), float(values[finite].max())
-        else:
+        if not bool(finite.any()):
+            logger.warning("%s: no finite intensity; scored as a blank image", source)
+            return torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+        notes = []
+        magnitude = _strided_values(torch.where(finite, values, 0).abs())
+        magnitude = magnitude[magnitude > 0]
+        if magnitude.numel():
+            typical = float(torch.quantile(magnitude.double(), 0.99))
+            if not 1 / SAFE_MAGNITUDE <= typical <= SAFE_MAGNITUDE:
+                exponent = -round(math.log2(typical))
+                values = torch.ldexp(values.double(), torch.tensor(exponent, dtype=torch.float64))
+                notes.append(f"rescaled by 2^{exponent}")
+        in_range = torch.isfinite(values) & (values.abs() <= SAFE_MAGNITUDE)
+        broken = int(values.numel() - in_range.sum())
+        if not bool(in_range.any()):
             low = high = 0.0
-        fixed = torch.nan_to_num(values.float(), nan=low, posinf=high, neginf=low)
-        return convert_to_dst_type(fixed, img, dtype=fixed.dtype)[0]
+        else:
+            low, high = float(values[in_range].min()), float(values[in_range].max())
+        if broken:
+            notes.append(f"{broken} NaN, infinite or out-of-range voxels set to the in-range extremes")
+            values = torch.where(in_range, values, torch.where(values > 0, high, low))  # NaN > 0 is False
+        logger.warning("%s: intensities repaired: %s", source, "; ".join(notes))
+        return values.float()
 
 
 class FiniteIntensityd(MapTransform):
