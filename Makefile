@@ -7,11 +7,11 @@ export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 
 help:
 	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
-	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference'
+	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...]'
 	@echo '     demo-train [GPU=1] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package | clean'
 	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
 
-.PHONY: help setup test lint demo demo-train preview bench bench-training bench-inference train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+.PHONY: help setup test lint demo demo-train preview bench bench-training bench-inference bench-quality train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -103,6 +103,11 @@ report: setup
 
 bench-inference: setup
 	$(PY) bench/bench_inference.py
+
+# `make bench-quality [MODELS=runs/models]`: held-out toy and gorilla sets through the four MOOD run scripts,
+# pixel and sample AP per group next to two baselines (bench/bench_quality.py; about an hour on 2 cores)
+bench-quality: setup
+	$(PY) bench/bench_quality.py $(if $(MODELS),--models_dir "$(MODELS)")
 
 # toy normal scans for trying training without MOOD data: `make normals DATASET=brain [OUT=data/normals/brain]`
 # (without OUT they go to data/normals/<DATASET>, never into the training run folder)

@@ -36,7 +36,8 @@ from scipy import ndimage as ndi
 from tools.phantoms import _smooth_field, ct_phantom, mni152_tissues
 
 __all__ = [
-    "ANOMALY_KINDS", "DEFAULT_SIZE", "apply_anomaly", "brain_scan", "abdom_scan", "normal_scan", "toy_case",
+    "ANOMALY_KINDS", "DEFAULT_SIZE", "GORILLA_KINDS", "apply_anomaly", "brain_scan", "abdom_scan", "gorilla_case",
+    "normal_scan", "toy_case",
     "write_toy_dataset", "main",
 ]
 
@@ -44,7 +45,8 @@ DATASETS = ("brain", "abdom")
 DEFAULT_SIZE = {"brain": 256, "abdom": 512}
 # field of view in mm: 1 mm voxels at 256 (brain); 0.75 mm at 512, 3 mm at 128 (abdomen, as phantoms.py)
 FOV_MM = {"brain": 256.0, "abdom": 384.0}
-TRAIN_OFFSET, TOY_OFFSET = 0, 50_000  # subject seeds: toy subjects never coincide with training subjects
+# subject seeds: toy and gorilla subjects never coincide with training subjects
+TRAIN_OFFSET, TOY_OFFSET, GORILLA_OFFSET = 0, 50_000, 80_000
 
 # Intensities per dataset: brain in [0, 1] (T2-like), abdomen in Hounsfield units.
 PROFILE = {
@@ -321,14 +323,54 @@ ANOMALY_KINDS: dict[str, Callable] = {
 }
 
 
+# ------------------------------------------------------------- the "gorilla" set: plainly abnormal cubes
+def _gorilla_box(vol, fg, rng, side: float) -> tuple[slice, ...]:
+    """A cube of ``side`` x the volume's side, centred on the foreground voxel whose cube is most foreground."""
+    half = max(side * min(vol.shape) / 2, 1.0)
+    return _box(_pick_centre(fg, rng, half), (half,) * 3, vol.shape)
+
+
+def _foreground_range(vol, fg) -> tuple[float, float]:
+    values = vol[fg] if fg.any() else vol.reshape(-1)
+    return float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+
+
+def noise_cube(vol, fg, rng, profile):
+    """A cube (10 % of the side) of uniform noise over the scan's own foreground range."""
+    box = _gorilla_box(vol, fg, rng, 0.1)
+    low, high = _foreground_range(vol, fg)
+    _write(vol, box, np.ones(vol[box].shape, bool), rng.uniform(low, high, vol[box].shape), profile)
+    return box
+
+
+def bright_cube(vol, fg, rng, profile):
+    """A cube (10 % of the side) of one constant, the scan's 99.5th foreground percentile."""
+    box = _gorilla_box(vol, fg, rng, 0.1)
+    _write(vol, box, np.ones(vol[box].shape, bool), _foreground_range(vol, fg)[1], profile)
+    return box
+
+
+def mirrored_block(vol, fg, rng, profile):
+    """A block (15 % of the side) turned upside down: its content mirrored along the last (head-foot) axis."""
+    box = _gorilla_box(vol, fg, rng, 0.15)
+    vol[box] = vol[box][..., ::-1].copy()
+    return box
+
+
+GORILLA_KINDS: dict[str, Callable] = {
+    "noise_cube": noise_cube, "bright_cube": bright_cube, "mirrored_block": mirrored_block,
+}
+
+
 def apply_anomaly(kind: str, volume: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
                   dataset: str) -> tuple[np.ndarray, dict]:
     """A copy of ``volume`` with one anomaly of ``kind``, and ``{"kind", "bbox"}`` (the bounding box
     ``[[lo, hi), ...]`` of the voxels it changed, or None when nothing changed)."""
-    if kind not in ANOMALY_KINDS:
-        raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {sorted(ANOMALY_KINDS)}")
+    kinds = {**ANOMALY_KINDS, **GORILLA_KINDS}
+    if kind not in kinds:
+        raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {sorted(kinds)}")
     out = volume.copy()
-    box = ANOMALY_KINDS[kind](out, foreground, rng, PROFILE[dataset])
+    box = kinds[kind](out, foreground, rng, PROFILE[dataset])
     changed = out[box] != volume[box]
     bbox = None
     if changed.any():
@@ -355,14 +397,10 @@ def _case_plan(index: int, seed: int) -> tuple[bool, list[str]]:
     return anomalous, (chosen if anomalous else [])
 
 
-def toy_case(dataset: str, index: int, size: int, seed: int = 0):
-    """Toy case ``index``: ``(normal, anomalous, mask, info)``; ``mask`` is uint8 ``anomalous != normal``,
-    ``info`` holds ``label`` (0/1), ``kinds`` (["normal"] or anomaly kinds), ``bbox`` (of the mask, or None)
-    and ``anomalies`` (each kind's changed-voxel box). Deterministic in ``(dataset, index, size, seed)``."""
-    normal, fg = normal_scan(dataset, size, seed * 100_003 + TOY_OFFSET + index)
-    anomalous_flag, kinds = _case_plan(index, seed)
+def _case(dataset: str, size: int, subject: int, kinds: list[str], rng: np.random.Generator):
+    """``(normal, anomalous, mask, info)`` of one subject with anomalies of ``kinds`` (none: a normal case)."""
+    normal, fg = normal_scan(dataset, size, subject)
     anomalous, anomalies = normal, []
-    rng = np.random.default_rng([int(seed), int(index), 13])
     for kind in kinds:
         for _ in range(5):  # retry in the (rare) case that an anomaly changed nothing
             candidate, entry = apply_anomaly(kind, anomalous, fg, rng, dataset)
@@ -379,14 +417,33 @@ def toy_case(dataset: str, index: int, size: int, seed: int = 0):
             bbox.append([int(idx[0]), int(idx[-1] + 1)])
     label = int(bbox is not None)
     info = {"label": label, "kinds": [a["kind"] for a in anomalies] if label else ["normal"], "bbox": bbox,
-            "anomalies": anomalies, "planned": anomalous_flag}
+            "anomalies": anomalies}
     return normal, anomalous, mask, info
 
 
+def toy_case(dataset: str, index: int, size: int, seed: int = 0):
+    """Toy case ``index``: ``(normal, anomalous, mask, info)``; ``mask`` is uint8 ``anomalous != normal``,
+    ``info`` holds ``label`` (0/1), ``kinds`` (["normal"] or anomaly kinds), ``bbox`` (of the mask, or None)
+    and ``anomalies`` (each kind's changed-voxel box). Deterministic in ``(dataset, index, size, seed)``."""
+    anomalous_flag, kinds = _case_plan(index, seed)
+    rng = np.random.default_rng([int(seed), int(index), 13])
+    normal, anomalous, mask, info = _case(dataset, size, seed * 100_003 + TOY_OFFSET + index, kinds, rng)
+    return normal, anomalous, mask, {**info, "planned": anomalous_flag}
+
+
+def gorilla_case(dataset: str, index: int, size: int, seed: int = 0):
+    """Gorilla case ``index`` (as :func:`toy_case`): a subject of its own with one plainly abnormal cube, the
+    kinds of :data:`GORILLA_KINDS` in turn."""
+    kind = list(GORILLA_KINDS)[index % len(GORILLA_KINDS)]
+    rng = np.random.default_rng([int(seed), int(index), 17])
+    return _case(dataset, size, seed * 100_003 + GORILLA_OFFSET + index, [kind], rng)
+
+
 def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: int = 10, size: int | None = None,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, n_gorilla: int = 0) -> dict:
     """Write one dataset in the MOOD layout under ``root/<dataset>``; returns a summary dict with the folders,
-    file lists and the per-case anomaly info (also written to ``toy_label/anomalies.json``)."""
+    file lists and the per-case anomaly info (also written to ``toy_label/anomalies.json``). ``n_gorilla``
+    adds that many ``gorilla_<i>.nii.gz`` cases (:func:`gorilla_case`) to the toy folder."""
     import nibabel as nib
 
     if dataset not in DATASETS:
@@ -405,17 +462,18 @@ def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: 
         nib.save(nib.Nifti1Image(vol, affine), path)
         train.append(str(path))
     cases = {}
-    for i in range(n_toy):
-        _, anomalous, mask, info = toy_case(dataset, i, size, seed)
-        name = f"toy_{i}.nii.gz"
+    planned = [(f"toy_{i}.nii.gz", toy_case, i) for i in range(n_toy)]
+    planned += [(f"gorilla_{i}.nii.gz", gorilla_case, i) for i in range(n_gorilla)]
+    for name, make_case, i in planned:
+        _, anomalous, mask, info = make_case(dataset, i, size, seed)
         nib.save(nib.Nifti1Image(anomalous, affine), toy_dir / name)
         nib.save(nib.Nifti1Image(mask, affine), pixel_dir / name)
         (sample_dir / f"{name}.txt").write_text(f"{info['label']}\n")
-        info.pop("planned")
+        info.pop("planned", None)
         cases[name] = info
         del anomalous, mask
     meta = {"dataset": dataset, "size": size, "seed": seed, "spacing_mm": _spacing(dataset, size),
-            "kinds": list(ANOMALY_KINDS), "cases": cases}
+            "kinds": list(ANOMALY_KINDS) + (list(GORILLA_KINDS) if n_gorilla else []), "cases": cases}
     (base / "toy_label" / "anomalies.json").write_text(json.dumps(meta, indent=1))
     return {"root": str(base), "train": train, "toy": sorted(str(toy_dir / n) for n in cases), "cases": cases}
 

@@ -1,0 +1,247 @@
+"""Detection quality on held-out MOOD-sized sets, through the four MOOD run scripts, next to two baselines.
+
+Run from the repository root (``make bench-quality [MODELS=runs/models]``)::
+
+    PYTHONPATH=bundle:. .venv/bin/python bench/bench_quality.py [--models_dir bundle/models]
+        [--datasets brain abdom] [--size 256] [--cases 20] [--gorilla 6] [--train 10]
+        [--conventions mood raw] [--seed 2026] [--work_dir outputs/bench-quality] [--json PATH]
+
+For each dataset it generates, with the toy generator (``tools.toy_data``) and a seed no training run uses:
+
+- ``--cases`` held-out toy cases at ``--size``^3, half of them normal, the anomalous ones of the toy kinds
+  (tumour, infarct, spots, foreign object, noise patch, missing slab), which no training task makes;
+- ``--gorilla`` plainly abnormal cases (a cube of uniform noise, a constant bright cube, an upside-down block:
+  :data:`tools.toy_data.GORILLA_KINDS`), each on a subject of its own;
+- ``--train`` normal scans for the z-score baseline (never scored).
+
+Every case is written in each intensity convention of ``--conventions``: ``mood`` is what the challenge ships,
+[0, 1] (the brain phantom is in [0, 1]; the CT phantom's Hounsfield units are mapped linearly,
+(HU + 1024) / 4095); ``raw`` is the scanner's unit (CT in HU; MR as [0, 1] x 1000 + 100). The four MOOD scripts
+(``docker/run_{pixel,sample}_<dataset>.sh``, with ``MOOD_MODELS_DIR``) score each convention's folder, and the
+outputs are scored with MOOD's semantics (``scripts.evaluate``: maps read as float16 and clipped, all voxels of
+a group pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy kind
+(its cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each gorilla kind.
+
+Baselines on the same cases (computed on the ``mood`` convention, as MOOD ships the data):
+- ``mood_example``: the MOOD example's pixel score ``|x - 0.5|``;
+- ``zscore``: ``|x - mean| / (std + 0.01)`` voxel by voxel against the training normals on the common grid (no
+  registration), mapped to [0, 1] by ``z / (1 + z)``.
+Their sample score is the mean of the top 1 % of their map, as the bundle's default.
+
+The JSON (default ``bench/results/quality.json``) holds every number and the settings; a Markdown table is
+printed last. Generated data stays in ``--work_dir`` (never committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(1, str(REPO))
+
+from scripts.evaluate import count_metrics, float16_bin_counts  # noqa: E402
+from scripts.files import save_json  # noqa: E402
+from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, write_toy_dataset  # noqa: E402
+
+DATASETS = ("brain", "abdom")
+CONVENTIONS = ("mood", "raw")
+HU_LOW, HU_SPAN = -1024.0, 4095.0  # the CT phantom's HU range onto [0, 1] (12-bit CT)
+MR_SCALE, MR_OFFSET = 1000.0, 100.0  # "scanner units" of the [0, 1] brain phantom
+TOP_FRACTION = 0.01
+
+
+def to_convention(volume: np.ndarray, dataset: str, convention: str) -> np.ndarray:
+    """A toy scan (brain in [0, 1], abdomen in HU) in ``convention``, float32."""
+    volume = np.asarray(volume, np.float32)
+    if dataset == "abdom":
+        return (volume - HU_LOW) / HU_SPAN if convention == "mood" else volume
+    return volume if convention == "mood" else volume * MR_SCALE + MR_OFFSET
+
+
+def write_conventions(data_dir: Path, dataset: str, conventions) -> dict[str, Path]:
+    """``data_dir/toy`` rewritten in each convention: ``{convention: folder}``."""
+    folders = {}
+    for convention in conventions:
+        folder = data_dir / f"cases_{convention}"
+        folder.mkdir(exist_ok=True)
+        for path in sorted((data_dir / "toy").glob("*.nii.gz")):
+            image = nib.load(path)
+            volume = to_convention(np.asanyarray(image.dataobj), dataset, convention)
+            nib.save(nib.Nifti1Image(volume, image.affine), folder / path.name)
+        folders[convention] = folder
+    return folders
+
+
+def normal_statistics(train_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean and std of the training normals (``mood`` convention), streamed one scan at a time."""
+    total = squares = None
+    paths = sorted(train_dir.glob("*.nii.gz"))
+    for path in paths:
+        volume = to_convention(np.asanyarray(nib.load(path).dataobj), dataset, "mood").astype(np.float64)
+        total = volume if total is None else total + volume
+        squares = volume**2 if squares is None else squares + volume**2
+    mean = total / len(paths)
+    return mean.astype(np.float32), np.sqrt(np.maximum(squares / len(paths) - mean**2, 0)).astype(np.float32)
+
+
+def sample_score(score_map: np.ndarray) -> float:
+    flat = score_map.reshape(-1)
+    k = max(1, int(round(TOP_FRACTION * flat.size)))
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
+def run_script(mode: str, dataset: str, cases: Path, output: Path, models_dir: Path) -> float:
+    """One MOOD entry point as the grader runs it; its wall time in seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MOOD_MODELS_DIR"] = str(models_dir)
+    start = time.perf_counter()
+    result = subprocess.run(["sh", str(REPO / "docker" / f"run_{mode}_{dataset}.sh"), str(cases), str(output)],
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"run_{mode}_{dataset}.sh failed ({result.returncode}): {result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def groups(cases: dict[str, dict]) -> dict[str, list[str]]:
+    """Group name -> case names: ``all``, ``toy``, each kind with every normal case, ``gorilla`` likewise."""
+    normal = [n for n, c in cases.items() if c["label"] == 0]
+    toy = [n for n in cases if n.startswith("toy_")]
+    gorilla = [n for n in cases if n.startswith("gorilla_")]
+    out = {"all": list(cases), "toy": toy}
+    for kind in ANOMALY_KINDS:
+        out[kind] = normal + [n for n in toy if kind in cases[n]["kinds"]]
+    if gorilla:
+        out["gorilla"] = normal + gorilla
+        for kind in GORILLA_KINDS:
+            out[kind] = normal + [n for n in gorilla if kind in cases[n]["kinds"]]
+    return out
+
+
+def score_groups(per_case: dict[str, dict], cases: dict[str, dict], group_cases: dict[str, list[str]]) -> dict:
+    """Pixel AP (voxels pooled over the group's cases) and sample AP of each group."""
+    out = {}
+    for group, names in group_cases.items():
+        positives = sum(per_case[n]["positives"] for n in names)
+        negatives = sum(per_case[n]["negatives"] for n in names)
+        labels = [cases[n]["label"] for n in names]
+        pixel = count_metrics(positives, negatives)
+        out[group] = {
+            "n_cases": len(names), "n_anomalous": int(sum(labels)),
+            "pixel_ap": pixel["average_precision"],
+            "sample_ap": float(average_precision_score(labels, [per_case[n]["score"] for n in names]))
+            if 0 < sum(labels) < len(labels) else None,
+        }
+    return out
+
+
+def case_counts(score_map: np.ndarray, label: np.ndarray, score: float) -> dict:
+    positives, negatives, _ = float16_bin_counts(score_map, label)
+    return {"positives": positives, "negatives": negatives, "score": score}
+
+
+def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[str, Path], predictions: Path) -> dict:
+    """Every method's per-case counts and scores, then its groups."""
+    mean, std = normal_statistics(data_dir / f"{dataset}_train", dataset)
+    per_method: dict[str, dict[str, dict]] = {f"bundle_{c}": {} for c in folders}
+    per_method.update(mood_example={}, zscore={})
+    for name in cases:
+        label = np.asanyarray(nib.load(data_dir / "toy_label" / "pixel" / name).dataobj)
+        for convention in folders:
+            score_map = np.asanyarray(nib.load(predictions / convention / "pixel" / name).dataobj)
+            score = float((predictions / convention / "sample" / f"{name}.txt").read_text().split()[0])
+            per_method[f"bundle_{convention}"][name] = case_counts(score_map, label, score)
+        scan = to_convention(np.asanyarray(nib.load(data_dir / "toy" / name).dataobj), dataset, "mood")
+        example = np.clip(np.abs(scan - 0.5), 0, 1)
+        per_method["mood_example"][name] = case_counts(example, label, sample_score(example))
+        z = np.abs(scan - mean) / (std + 0.01)
+        z = z / (1 + z)
+        per_method["zscore"][name] = case_counts(z, label, sample_score(z))
+    group_cases = groups(cases)
+    return {method: score_groups(counts, cases, group_cases) for method, counts in per_method.items()}
+
+
+def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
+        conventions, seed: int) -> dict:
+    result = {"settings": {"models_dir": str(models_dir), "size": size, "cases": n_cases, "gorilla": n_gorilla,
+                           "train": n_train, "conventions": list(conventions), "seed": seed,
+                           "date": datetime.date.today().isoformat()}, "datasets": {}}
+    for dataset in datasets:
+        data_dir = work_dir / "data" / dataset
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        started = time.perf_counter()
+        written = write_toy_dataset(work_dir / "data", dataset, n_train=n_train, n_toy=n_cases, size=size,
+                                    seed=seed, n_gorilla=n_gorilla)
+        folders = write_conventions(data_dir, dataset, conventions)
+        generated = time.perf_counter() - started
+        predictions = work_dir / "predictions" / dataset
+        seconds = {}
+        for convention, folder in folders.items():
+            for mode in ("pixel", "sample"):
+                out = predictions / convention / mode
+                if out.exists():
+                    shutil.rmtree(out)
+                seconds[f"{convention}_{mode}"] = run_script(mode, dataset, folder, out, models_dir) / len(
+                    written["cases"])
+        result["datasets"][dataset] = {
+            "methods": evaluate_dataset(data_dir, dataset, written["cases"], folders, predictions),
+            "seconds_per_case": seconds, "seconds_generating": generated,
+        }
+        print(f"{dataset}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown: per dataset and method, pixel / sample AP of the toy set and the gorilla set."""
+    lines = ["| dataset | method | toy pixel AP | toy sample AP | gorilla pixel AP | gorilla sample AP |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    for dataset, entry in result["datasets"].items():
+        for method, scored in entry["methods"].items():
+            toy, gorilla = scored["toy"], scored.get("gorilla", {})
+            lines.append(f"| {dataset} | {method} | {fmt(toy['pixel_ap'])} | {fmt(toy['sample_ap'])} | "
+                         f"{fmt(gorilla.get('pixel_ap'))} | {fmt(gorilla.get('sample_ap'))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models_dir", type=Path, default=REPO / "bundle" / "models")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--size", type=int, default=256, help="cube side of every case (MOOD brain: 256)")
+    parser.add_argument("--cases", type=int, default=20, help="held-out toy cases per dataset, half normal")
+    parser.add_argument("--gorilla", type=int, default=6, help="plainly abnormal cases per dataset")
+    parser.add_argument("--train", type=int, default=10, help="normal scans for the z-score baseline")
+    parser.add_argument("--conventions", nargs="+", choices=CONVENTIONS, default=list(CONVENTIONS))
+    parser.add_argument("--seed", type=int, default=2026, help="toy seed; the shipped weights were trained on 0")
+    parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-quality")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    args = parser.parse_args(argv)
+    result = run(args.models_dir.resolve(), args.work_dir.resolve(), args.datasets, args.size, args.cases,
+                 args.gorilla, args.train, args.conventions, args.seed)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    save_json(result, args.json)
+    print(json.dumps({d: {m: s["toy"] for m, s in e["methods"].items()} for d, e in result["datasets"].items()}))
+    print(table(result))
+    print(f"json: {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

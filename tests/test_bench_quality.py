@@ -1,0 +1,62 @@
+"""bench/bench_quality.py end to end at a tiny size: held-out toy and gorilla cases in two intensity conventions
+through the MOOD run scripts, scored per group next to the baselines (no quality threshold here: thresholds
+belong to the benchmark)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_quality  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quality(default_models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("quality")
+    result = bench_quality.main(["--models_dir", str(default_models), "--datasets", "brain", "--size", "32",
+                                 "--cases", "4", "--gorilla", "3", "--train", "2", "--work_dir", str(work),
+                                 "--json", str(work / "quality.json")])
+    return work, result
+
+
+def test_groups_hold_the_right_cases_and_every_method_is_scored(quality):
+    work, result = quality
+    assert json.loads((work / "quality.json").read_text()) == json.loads(json.dumps(result))
+    cases = json.loads((work / "data/brain/toy_label/anomalies.json").read_text())["cases"]
+    normal = [n for n, c in cases.items() if c["label"] == 0]
+    methods = result["datasets"]["brain"]["methods"]
+    assert set(methods) == {"bundle_mood", "bundle_raw", "mood_example", "zscore"}
+    for scored in methods.values():
+        assert scored["all"]["n_cases"] == 7 and scored["toy"]["n_cases"] == 4
+        assert scored["gorilla"] == {**scored["gorilla"], "n_cases": len(normal) + 3, "n_anomalous": 3}
+        for kind in ("noise_cube", "bright_cube", "mirrored_block"):
+            assert scored[kind]["n_anomalous"] == 1 and 0 < scored[kind]["pixel_ap"] <= 1
+        assert 0 <= scored["toy"]["sample_ap"] <= 1
+    assert sorted(c["kinds"][0] for n, c in cases.items() if n.startswith("gorilla_")) == [
+        "bright_cube", "mirrored_block", "noise_cube"]
+
+
+def test_pooled_pixel_ap_is_the_mood_evaluators(quality):
+    work, result = quality
+    for convention in ("mood", "raw"):
+        official = evaluate(work / "data/brain", work / "predictions/brain" / convention / "pixel", "pixel")
+        ours = result["datasets"]["brain"]["methods"][f"bundle_{convention}"]["all"]["pixel_ap"]
+        assert ours == pytest.approx(official["average_precision"], abs=1e-9)
+
+
+def test_the_brain_scores_do_not_depend_on_the_intensity_convention(quality):
+    _, result = quality
+    methods = result["datasets"]["brain"]["methods"]
+    for group, scored in methods["bundle_mood"].items():
+        raw = methods["bundle_raw"][group]
+        assert scored["pixel_ap"] == pytest.approx(raw["pixel_ap"], abs=0.01), group
+        if scored["sample_ap"] is not None:
+            assert scored["sample_ap"] == pytest.approx(raw["sample_ap"], abs=0.01), group
