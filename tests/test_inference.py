@@ -4,6 +4,7 @@ bad inputs that never stop the rest, and clear errors for an empty folder or mis
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
 
 
-def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None) -> Path:
+def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None, **settings) -> Path:
     """Fold models as training writes them: plans.json (a tiny network at a 24^3 grid) and fold_<k>.pt."""
-    return write_planned_models(models_dir, dataset, folds, fingerprint, **TINY)
+    return write_planned_models(models_dir, dataset, folds, fingerprint, **TINY, **settings)
 
 
 def infer(dataset: str, input_dir, output_dir, mode: str, models_dir, check: bool = True):
@@ -69,7 +70,7 @@ def test_ensemble_of_two_folds_is_the_mean_of_its_members(normal_scans, tmp_path
 
 def test_sample_scores_for_abdomen_with_fingerprint(normal_scans, tmp_path):
     fingerprint = {"percentile_00_5": -900.0, "percentile_99_5": 800.0, "mean": -50.0, "std": 300.0}
-    models = write_models(tmp_path / "models", "abdom", [0, 3], fingerprint)
+    models = write_models(tmp_path / "models", "abdom", [0, 3], fingerprint, normalisation="fingerprint")
     out = tmp_path / "sample"
     infer("abdom", normal_scans["abdom"], out, "sample", models)
     inputs = sorted(normal_scans["abdom"].glob("*.nii.gz"))
@@ -141,3 +142,31 @@ def test_empty_folder_and_missing_models_are_clear_errors(normal_scans, tmp_path
     assert result.returncode != 0 and "holds no *.nii.gz or *.nii scans" in result.stdout + result.stderr
     result = infer("brain", normal_scans["brain"], tmp_path / "out", "pixel", tmp_path / "nowhere", check=False)
     assert result.returncode != 0 and "no trained models for 'brain'" in result.stdout + result.stderr
+
+
+# (name, the scan's intensities as a function of the toy scan's): brain in [0, 1]; abdomen in HU
+CONVENTIONS = {
+    "brain": {"unit": lambda x: x, "scanner": lambda x: x * 1000 + 100, "affine": lambda x: x * 3 + 100},
+    "abdom": {"hu": lambda x: x, "unit": lambda x: (x + 1024) / 4095, "affine": lambda x: x * 3 + 100},
+}
+
+
+@pytest.mark.parametrize("dataset", ["brain", "abdom"])
+def test_maps_do_not_depend_on_the_intensity_convention(dataset, normal_scans, tmp_path):
+    """The same scan in HU, in MOOD's [0, 1] and in x * 3 + 100 gets the same map from the same models, with the
+    dataset's default normalisation (brain: z-score; abdomen: per-scan robust clipping + z-score)."""
+    models = write_models(tmp_path / "models", dataset, [0, 1])
+    plan = json.loads((models / dataset / "plans.json").read_text())
+    assert plan["normalisation"]["mode"] == {"brain": "zscore", "abdom": "robust"}[dataset]
+    source = nib.load(sorted(normal_scans[dataset].glob("*.nii.gz"))[0])
+    volume = np.asanyarray(source.dataobj).astype(np.float64)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, convert in CONVENTIONS[dataset].items():
+        nib.save(nib.Nifti1Image(convert(volume).astype(np.float32), source.affine), inputs / f"{name}.nii.gz")
+    infer(dataset, inputs, tmp_path / "out", "pixel", models)
+    maps = {name: np.asanyarray(nib.load(tmp_path / "out" / f"{name}.nii.gz").dataobj) for name in CONVENTIONS[dataset]}
+    reference = maps.pop(next(iter(CONVENTIONS[dataset])))
+    assert reference.std() > 0
+    for name, other in maps.items():
+        np.testing.assert_allclose(other, reference, atol=1e-3, err_msg=name)

@@ -141,7 +141,7 @@ def test_old_models_folder_gets_a_clear_message_and_a_plan_from_its_records(tmp_
     """A models folder as the bundle wrote it before plans: fold records with the grid, the normalisation and the
     split, a fingerprint.json for CT, no plans.json."""
     models = write_models(tmp_path / "old", "abdom", [0, 1], network_depth=3, network_base_filters=4,
-                          spatial_size=[24, 24, 24])
+                          spatial_size=[24, 24, 24], normalisation="fingerprint")
     folder = models / "abdom"
     plan = json.loads((folder / "plans.json").read_text())
     (folder / "plans.json").unlink()

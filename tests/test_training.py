@@ -81,7 +81,7 @@ def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),
          "--foreign_dir", str(normal_scans["brain"]), "--output_dir", str(out),
          "--cache_dir", str(tmp_path / "cache"), "--fold", "3", "--num_train_tasks", "2", "--max_epochs", "3",
-         "--val_interval", "2", "--loss", "bce", *TINY])
+         "--val_interval", "2", "--loss", "bce", "--normalisation", "fingerprint", *TINY])
     # validation before training, every second epoch, and after the last epoch
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [0, 2, 3]
     model_dir = out / "models" / "abdom"

@@ -306,3 +306,18 @@ def test_anomaly_transform_draws_prob_the_monai_way():
         assert (out["anomaly_task"] != "none") == transform._do_transform
     with pytest.raises(ValueError, match="prob"):
         RandSyntheticAnomalyd(prob=1.5)
+
+
+def test_robust_normalisation_clips_to_the_scans_percentiles_and_ignores_the_unit():
+    image = IMAGE.clone()
+    image[0, 3, 3, 3] = 1e4  # a metal-like outlier inside the foreground
+    fg = FOREGROUND.clone()
+    fg[3, 3, 3] = True
+    out = NormaliseIntensity("robust")(image, mask=fg)
+    for rescaled in (image * 3 + 100, (image + 1024) / 4095):
+        np.testing.assert_allclose(NormaliseIntensity("robust")(rescaled, mask=fg), out, atol=1e-4)
+    inside = out[0][fg]
+    assert abs(float(inside.mean())) < 0.05 and abs(float(inside.std()) - 1) < 0.05  # the clipped foreground
+    assert float(out[0, 3, 3, 3]) < 5  # clipped to the 99.5th percentile: the outlier does not dominate
+    with pytest.raises(ValueError, match="mode must be one of"):
+        NormaliseIntensity("minmax")

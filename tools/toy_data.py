@@ -18,7 +18,9 @@ background, 256 / size mm isotropic voxels. Abdominal scans are :func:`tools.pha
 The toy anomalies are deliberately unlike the self-supervised training tasks (patch interpolation, Poisson
 blending, sink/source deformation, smooth intensity change): lesion-like ``tumour``, ``infarct`` and ``spots``,
 and artificial ``foreign_object``, ``noise_patch`` and ``missing_slab``. The pixel label of a case is
-``anomalous != normal``, so it holds exactly the voxels that changed.
+``anomalous != normal``, so it holds exactly the voxels that changed. ``n_gorilla`` adds plainly abnormal
+``gorilla_<i>`` cases (a cube of uniform noise, a constant bright cube, an upside-down block;
+:data:`GORILLA_KINDS`), each on a subject of its own, for ``bench/bench_quality.py``.
 
 CLI: ``PYTHONPATH=bundle:. python -m tools.toy_data --output_dir DIR [--datasets brain abdom] [--size N]
 [--train N] [--toy N] [--seed S]``.

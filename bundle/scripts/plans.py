@@ -26,6 +26,7 @@ import torch
 
 from scripts.data import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
 from scripts.files import load_json, save_json
+from scripts.transforms import NORMALISATION_MODES
 
 __all__ = [
     "PLAN_FILE",
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plans.json"
 PLAN_FORMAT = 1
-NORMALISATIONS = ("zscore", "fingerprint")
 # the plan's parts that versions do not change: two plans that agree on these describe the same model setup
 _SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "foreground_fraction", "normalisation", "split",
                "sample_score")
@@ -96,14 +96,15 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         dataset: the dataset name (``brain``, ``abdom``): the models' folder under ``models/``.
         network: ``{"name": <class in monai.networks.nets>, "args": {...}}``, the arguments as the network takes them.
         spatial_size: the working grid every scan is resampled to.
-        normalisation: ``zscore`` (each scan's own foreground) or ``fingerprint`` (the training data's statistics).
+        normalisation: ``zscore`` or ``robust`` (each scan's own foreground) or ``fingerprint`` (the training data's
+            statistics): :class:`scripts.transforms.NormaliseIntensity`.
         fingerprint: the statistics of :func:`scripts.data.compute_fingerprint`; required with ``fingerprint``.
         foreground_fraction: the foreground threshold of :class:`scripts.transforms.IntensityForegroundd`.
         split: :func:`split_record` of the training data (None when unknown).
         sample_score_fraction: the sample score is the mean of this fraction of the highest voxels of the map.
     """
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if normalisation not in NORMALISATION_MODES:
+        raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
     if normalisation == "fingerprint" and fingerprint is None:
         raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
     if set(network) != {"name", "args"}:

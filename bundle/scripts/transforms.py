@@ -44,6 +44,7 @@ def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
 # Beyond 2^60 in magnitude the squares that a z-score sums overflow float32 (2^128); below 2^-60 a float64
 # scan's values round to zero in float32. Scans are far inside: HU are below 2^12, MR arbitrary units below 2^20.
 SAFE_MAGNITUDE = 2.0**60
+NORMALISATION_MODES = ("zscore", "robust", "fingerprint")
 
 
 def _source(img: NdarrayOrTensor) -> str:
@@ -194,18 +195,22 @@ class NormaliseIntensity(Transform):
 
     ``mode="zscore"`` (MRI, as in Baugh et al., "Many tasks make light work", MICCAI 2023): subtract the mean
     and divide by the standard deviation of the scan's own foreground (``mask`` of ``__call__``; the whole
-    image without one). ``mode="fingerprint"`` (CT, as nnU-Net: Isensee et al., Nature Methods 2021): clip to
-    the training data's foreground 0.5 and 99.5 percentiles and standardise with its mean and standard
-    deviation, all read from ``fingerprint`` (a dict or a JSON file written by training). Both are derived
-    from data, so CT in Hounsfield units and CT rescaled to [0, 1] come out alike. Returns float32 of the
-    input's type.
+    image without one). ``mode="robust"`` (CT): the same after clipping to the scan's own foreground 0.5 and
+    99.5 percentiles, nnU-Net's CT clipping taken per scan, so that metal and air do not dominate the
+    statistics. ``mode="fingerprint"`` (CT, as nnU-Net: Isensee et al., Nature Methods 2021): clip to the
+    training data's foreground 0.5 and 99.5 percentiles and standardise with its mean and standard deviation,
+    all read from ``fingerprint`` (a dict or a JSON file written by training).
+
+    ``zscore`` and ``robust`` give the same output for a scan under any increasing affine rescaling of its
+    intensities (Hounsfield units, [0, 1], ``x * 3 + 100``); ``fingerprint`` fixes the unit of the training
+    data, so a model trained on HU misreads CT given in [0, 1]. Returns float32 of the input's type.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, mode: str = "zscore", fingerprint: Mapping | str | Path | None = None) -> None:
-        if mode not in ("zscore", "fingerprint"):
-            raise ValueError(f"mode must be 'zscore' or 'fingerprint', got {mode!r}")
+        if mode not in NORMALISATION_MODES:
+            raise ValueError(f"mode must be one of {NORMALISATION_MODES}, got {mode!r}")
         if mode == "fingerprint":
             if fingerprint is None:
                 raise ValueError("mode='fingerprint' needs the training data's fingerprint (dict or JSON path)")
@@ -228,6 +233,11 @@ class NormaliseIntensity(Transform):
                 if mask is not None else torch.ones(spatial, dtype=torch.bool, device=values.device)
             )
             selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
+            if self.mode == "robust" and selected.numel():
+                sample = _strided_values(selected[None])  # order statistics of at most ~4M values
+                low, high = (float(v) for v in torch.quantile(sample.double(), torch.tensor(
+                    [0.005, 0.995], dtype=torch.float64, device=sample.device)))
+                values, selected = values.clamp(low, high), selected.clamp(low, high)
             std = float(selected.std()) if selected.numel() > 1 else 0.0
             # a relative guard: a scan given at any scale (even 1e-12) is standardised; only a constant one is not
             scale = float(selected.abs().max()) if selected.numel() else 0.0
