@@ -76,6 +76,22 @@ def test_same_seed_same_validation_and_training(normal_scans, tmp_path):
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
+def test_a_time_budget_stops_training_and_still_validates_and_records_the_run(normal_scans, tmp_path):
+    out = tmp_path / "run"
+    budget_minutes = 0.25
+    run(["--config_file", configs("brain"), "--dataset_dir", str(normal_scans["brain"]), "--output_dir", str(out),
+         "--cache_dir", str(tmp_path / "cache"), "--fold", "0", "--max_epochs", "1000", "--val_interval", "3",
+         "--time_budget", str(budget_minutes), *TINY])
+    fold = json.loads((out / "models" / "brain" / "fold_0.json").read_text())
+    training = fold["training"]
+    assert training["stopped_by"] == "time_budget" and 1 <= training["epochs"] < 1000
+    assert training["seconds"] <= budget_minutes * 60 * 1.5  # stopped before an epoch that would not fit
+    assert fold["recipe"]["time_budget"] == budget_minutes and fold["recipe"]["max_epochs"] == 1000
+    epochs = [r["epoch"] for r in json.loads((out / "metrics.json").read_text())]
+    assert epochs[0] == 0 and epochs[-1] == training["epochs"]  # the last epoch was validated
+    assert (out / "models" / "brain" / "fold_0.pt").is_file()
+
+
 def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     out = tmp_path / "run"
     run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),
@@ -120,3 +136,33 @@ def test_two_process_ddp_on_cpu(normal_scans, tmp_path):
     records = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in records] == [0, 1, 2]  # written once, by rank 0
     tiny_network().load_state_dict(torch.load(out / "models" / "brain" / "fold_1.pt", weights_only=True))
+
+
+def test_the_schedule_follows_the_steps_or_the_budget_whichever_is_further():
+    from monai.optimizers import WarmupCosineSchedule
+
+    from scripts.handlers import TimeBudget, WarmupCosineWithinBudget
+
+    def rates(make, steps=40):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, out = make(optimizer), []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    monai_rates = rates(lambda o: WarmupCosineSchedule(o, warmup_steps=5, t_total=40))
+    ours = rates(lambda o: WarmupCosineWithinBudget(o, warmup_steps=5, t_total=40, budget=TimeBudget(None)))
+    assert ours == pytest.approx(monai_rates, abs=1e-9)  # without a budget: MONAI's schedule
+
+    class HalfSpent(TimeBudget):  # the wall clock is half-way through the budget from the start
+        def progress(self):
+            return 0.5
+
+    half = rates(lambda o: WarmupCosineWithinBudget(o, warmup_steps=5, t_total=40, budget=HalfSpent(1.0)))
+    assert half[:5] == pytest.approx(monai_rates[:5])  # warm-up by steps
+    assert all(r <= 0.5 + 1e-9 for r in half[5:])  # cos at half-way: 0.5 at most from then on
+    assert half[-1] == pytest.approx(monai_rates[-1], abs=1e-9)  # the steps are further along at the end
+    with pytest.raises(ValueError, match="positive number of minutes"):
+        TimeBudget(0)

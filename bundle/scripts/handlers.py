@@ -1,5 +1,6 @@
-"""Ignite handlers the workflows attach next to MONAI's own: the last validation and the metrics file of
-training, and the per-case progress lines of inference."""
+"""Ignite handlers the workflows attach next to MONAI's own: the last validation, the metrics file and the time
+budget of training (with the learning-rate schedule that spans it), and the per-case progress lines of
+inference."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 
 from scripts.inference import ERROR, NAME
 
-__all__ = ["FAILED_CASES_EXIT_CODE", "FinalValidation", "MetricsJSONWriter", "ProgressReporter", "exit_if_any_failed"]
+__all__ = ["FAILED_CASES_EXIT_CODE", "FinalValidation", "MetricsJSONWriter", "ProgressReporter", "TimeBudget",
+           "WarmupCosineWithinBudget", "exit_if_any_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,86 @@ class FinalValidation:
         # triggers right after such a validation)
         if trainer.state.epoch % self.interval != 0:
             self.validator.run(trainer.state.epoch)
+
+
+class TimeBudget:
+    """Ends training within ``minutes`` of wall time, counted from the trainer's start (the validation before
+    training included; caching the data before it is not). It stops at the end of an epoch, before an epoch that
+    would not fit: when the time so far plus the longest epoch so far (its validation included) would pass the
+    budget. Early stopping and ``max_epochs`` still apply; :class:`FinalValidation` validates the last epoch and
+    the checkpoint handler keeps the best. ``minutes=None``: no budget (:meth:`progress` stays 0).
+
+    :class:`WarmupCosineWithinBudget` reads :meth:`progress`, so the learning rate reaches its end as the budget
+    does. ``stopped_by`` says what ended the run: ``time_budget``, ``early_stopping`` or ``max_epochs``."""
+
+    def __init__(self, minutes: float | None) -> None:
+        if minutes is not None and not float(minutes) > 0:
+            raise ValueError(f"time_budget must be a positive number of minutes or null, got {minutes!r}")
+        self.seconds = None if minutes is None else float(minutes) * 60.0
+        self.started: float | None = None
+        self.epoch_started = 0.0
+        self.longest_epoch = 0.0
+        self.stopped = False
+        self.trainer: Engine | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self._start)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_start)
+
+    def _start(self, trainer: Engine) -> None:
+        self.started = time.perf_counter()
+        # registered now, after every handler the config attached: the epoch's validation has run when it fires
+        if not trainer.has_event_handler(self._check, Events.EPOCH_COMPLETED):
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _epoch_start(self, trainer: Engine) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def _check(self, trainer: Engine) -> None:
+        now = time.perf_counter()
+        self.longest_epoch = max(self.longest_epoch, now - self.epoch_started)
+        if self.seconds is not None and trainer.state.epoch < trainer.state.max_epochs \
+                and now - self.started + self.longest_epoch > self.seconds:
+            logger.info("time budget: stopping after epoch %d (%.0f s of %.0f s used, an epoch takes up to %.0f s)",
+                        trainer.state.epoch, now - self.started, self.seconds, self.longest_epoch)
+            self.stopped = True
+            trainer.terminate()
+
+    def elapsed(self) -> float:
+        """Seconds since the trainer started (0 before)."""
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def progress(self) -> float:
+        """The fraction of the budget used, in [0, 1]; 0 without a budget."""
+        return 0.0 if self.seconds is None else min(self.elapsed() / self.seconds, 1.0)
+
+    @property
+    def stopped_by(self) -> str:
+        if self.stopped:
+            return "time_budget"
+        state = self.trainer.state if self.trainer is not None else None
+        return "early_stopping" if state is not None and state.epoch < state.max_epochs else "max_epochs"
+
+
+class WarmupCosineWithinBudget(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup_steps``, then a cosine from the base learning rate to 0, as MONAI's
+    ``WarmupCosineSchedule`` (half a cycle over ``t_total`` steps), driven by whichever is further along: the
+    steps (``(step - warmup_steps) / (t_total - warmup_steps)``) or the wall time of ``budget``
+    (:meth:`TimeBudget.progress`). Without a budget it is MONAI's schedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, t_total: int,
+                 budget: TimeBudget | None = None, last_epoch: int = -1) -> None:
+        self.warmup_steps, self.t_total, self.budget = int(warmup_steps), int(t_total), budget
+        super().__init__(optimizer, self.factor, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.t_total - self.warmup_steps)
+        if self.budget is not None:
+            progress = max(progress, self.budget.progress())
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class MetricsJSONWriter:

@@ -69,9 +69,11 @@ def _relative(scans, dataset_dir) -> list[str]:
 
 
 def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
-                     network: torch.nn.Module) -> dict:
-    """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder) and its best validation
-    result. The setup the folds share is in the plan (``plans.json``). In a DDP run only rank 0 writes."""
+                     network: torch.nn.Module, recipe: dict | None = None, budget=None) -> dict:
+    """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder), its best validation
+    result, the ``recipe`` (the training settings) and, from the :class:`scripts.handlers.TimeBudget`
+    ``budget``, how the run ended (epochs, seconds, what stopped it). The setup the folds share is in the plan
+    (``plans.json``). In a DDP run only rank 0 writes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}
     split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
@@ -87,7 +89,11 @@ def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_
         "train_tasks": list(split.train_tasks),
         "val_tasks": list(split.val_tasks),
         "checkpoint": f"fold_{fold}.pt",
+        "recipe": dict(recipe or {}),
     }
+    if budget is not None and budget.trainer is not None:
+        record["training"] = {"epochs": int(budget.trainer.state.epoch), "seconds": round(budget.elapsed(), 1),
+                              "stopped_by": budget.stopped_by}
     save_json(record, Path(model_dir) / f"fold_{fold}.json")
     return record
 
