@@ -85,7 +85,8 @@ def test_a_time_budget_stops_training_and_still_validates_and_records_the_run(no
     fold = json.loads((out / "models" / "brain" / "fold_0.json").read_text())
     training = fold["training"]
     assert training["stopped_by"] == "time_budget" and 1 <= training["epochs"] < 1000
-    assert training["seconds"] <= budget_minutes * 60 * 1.5  # stopped before an epoch that would not fit
+    # stopped before an epoch that would not fit: over by at most an epoch of misjudgement and the last validation
+    assert training["seconds"] <= budget_minutes * 60 + 3 * training["longest_epoch_seconds"]
     assert fold["recipe"]["time_budget"] == budget_minutes and fold["recipe"]["max_epochs"] == 1000
     epochs = [r["epoch"] for r in json.loads((out / "metrics.json").read_text())]
     assert epochs[0] == 0 and epochs[-1] == training["epochs"]  # the last epoch was validated

@@ -93,6 +93,7 @@ def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_
     }
     if budget is not None and budget.trainer is not None:
         record["training"] = {"epochs": int(budget.trainer.state.epoch), "seconds": round(budget.elapsed(), 1),
+                              "longest_epoch_seconds": round(budget.longest_epoch, 1),
                               "stopped_by": budget.stopped_by}
     save_json(record, Path(model_dir) / f"fold_{fold}.json")
     return record
