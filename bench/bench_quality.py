@@ -28,8 +28,9 @@ Baselines on the same cases (computed on the ``mood`` convention, as MOOD ships 
   registration), mapped to [0, 1] by ``z / (1 + z)``.
 Their sample score is the mean of the top 1 % of their map, as the bundle's default.
 
-The JSON (default ``bench/results/quality.json``) holds every number and the settings; a Markdown table is
-printed last. Generated data stays in ``--work_dir`` (never committed).
+The JSON (default ``bench/results/quality.json``) holds every number and the settings; two Markdown tables are
+printed last (toy and gorilla sets; every group as pixel AP / sample AP), also from an earlier JSON with
+``--from_json PATH``. Generated data stays in ``--work_dir`` (never committed).
 """
 
 from __future__ import annotations
@@ -220,6 +221,25 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def group_table(result: dict) -> str:
+    """Markdown: per dataset and group (each kind), every method's pixel AP / sample AP."""
+    first = next(iter(result["datasets"].values()))["methods"]
+    methods = list(first)
+    lines = ["| dataset | group | cases (anomalous) | " + " | ".join(methods) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    for dataset, entry in result["datasets"].items():
+        for group, scored in entry["methods"][methods[0]].items():
+            cells = [f"{fmt(entry['methods'][m][group]['pixel_ap'])} / {fmt(entry['methods'][m][group]['sample_ap'])}"
+                     for m in methods]
+            lines.append(f"| {dataset} | {group} | {scored['n_cases']} ({scored['n_anomalous']}) | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models_dir", type=Path, default=REPO / "bundle" / "models")
@@ -232,13 +252,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=2026, help="toy seed; the shipped weights were trained on 0")
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-quality")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    parser.add_argument("--from_json", type=Path, default=None, help="print the tables of an earlier run, run nothing")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        print(table(result) + "\n\n" + group_table(result))
+        return result
     result = run(args.models_dir.resolve(), args.work_dir.resolve(), args.datasets, args.size, args.cases,
                  args.gorilla, args.train, args.conventions, args.seed)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     save_json(result, args.json)
     print(json.dumps({d: {m: s["toy"] for m, s in e["methods"].items()} for d, e in result["datasets"].items()}))
-    print(table(result))
+    print(table(result) + "\n\n" + group_table(result))
     print(f"json: {args.json}")
     return result
 
