@@ -19,8 +19,9 @@ Every case is written in each intensity convention of ``--conventions``: ``mood`
 (HU + 1024) / 4095); ``raw`` is the scanner's unit (CT in HU; MR as [0, 1] x 1000 + 100). The four MOOD scripts
 (``docker/run_{pixel,sample}_<dataset>.sh``, with ``MOOD_MODELS_DIR``) score each convention's folder, and the
 outputs are scored with MOOD's semantics (``scripts.evaluate``: maps read as float16 and clipped, all voxels of
-a group pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy kind
-(its cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each gorilla kind.
+a group pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy
+kind (its single-kind cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each
+gorilla kind. ``--rescore`` scores the data and predictions an earlier run left in ``--work_dir`` again.
 
 Baselines on the same cases (computed on the ``mood`` convention, as MOOD ships the data):
 - ``mood_example``: the MOOD example's pixel score ``|x - 0.5|``;
@@ -122,8 +123,8 @@ def groups(cases: dict[str, dict]) -> dict[str, list[str]]:
     toy = [n for n in cases if n.startswith("toy_")]
     gorilla = [n for n in cases if n.startswith("gorilla_")]
     out = {"all": list(cases), "toy": toy}
-    for kind in ANOMALY_KINDS:
-        out[kind] = normal + [n for n in toy if kind in cases[n]["kinds"]]
+    for kind in ANOMALY_KINDS:  # cases of that kind alone: a case's mask does not say which kind made a voxel
+        out[kind] = normal + [n for n in toy if cases[n]["kinds"] == [kind]]
     if gorilla:
         out["gorilla"] = normal + gorilla
         for kind in GORILLA_KINDS:
@@ -175,12 +176,18 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
 
 
 def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
-        conventions, seed: int) -> dict:
+        conventions, seed: int, rescore: bool = False) -> dict:
     result = {"settings": {"models_dir": str(models_dir), "size": size, "cases": n_cases, "gorilla": n_gorilla,
                            "train": n_train, "conventions": list(conventions), "seed": seed,
                            "date": datetime.date.today().isoformat()}, "datasets": {}}
     for dataset in datasets:
         data_dir = work_dir / "data" / dataset
+        if rescore:  # the data and predictions of an earlier run
+            cases = json.loads((data_dir / "toy_label" / "anomalies.json").read_text())["cases"]
+            folders = {c: data_dir / f"cases_{c}" for c in conventions}
+            methods = evaluate_dataset(data_dir, dataset, cases, folders, work_dir / "predictions" / dataset)
+            result["datasets"][dataset] = {"methods": methods}
+            continue
         if data_dir.exists():
             shutil.rmtree(data_dir)
         started = time.perf_counter()
@@ -253,13 +260,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-quality")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--from_json", type=Path, default=None, help="print the tables of an earlier run, run nothing")
+    parser.add_argument("--rescore", action="store_true", help="score an earlier run's data and predictions again")
     args = parser.parse_args(argv)
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
         print(table(result) + "\n\n" + group_table(result))
         return result
     result = run(args.models_dir.resolve(), args.work_dir.resolve(), args.datasets, args.size, args.cases,
-                 args.gorilla, args.train, args.conventions, args.seed)
+                 args.gorilla, args.train, args.conventions, args.seed, args.rescore)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     save_json(result, args.json)
     print(json.dumps({d: {m: s["toy"] for m, s in e["methods"].items()} for d, e in result["datasets"].items()}))

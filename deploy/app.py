@@ -41,6 +41,13 @@ class MoodAnomalyApp(Application):
 
     name = "mood_anomaly_app"
     failed_cases: list[str] | tuple = ()  # the writer's list once composed
+    writer = None
+    total = 0
+
+    @property
+    def written(self) -> int:
+        """Cases that reached the writer (scored or failed): fewer than ``total`` means some were lost."""
+        return 0 if self.writer is None else self.writer.done + len(self.writer.failed)
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
     version = "0.5.0"
 
@@ -60,6 +67,7 @@ class MoodAnomalyApp(Application):
         inference = EnsembleInferenceOperator(self, bundle=bundle, name="ensemble_inference")
         writer = MoodWriterOperator(self, bundle=bundle, total=total, name="mood_writer")
         self.failed_cases = writer.failed  # filled while the app runs
+        self.writer, self.total = writer, total
         self.add_flow(loader, inference, {("case", "case")})
         self.add_flow(inference, writer, {("case", "case")})
 
@@ -82,7 +90,7 @@ def main() -> int:
     app.run()
     from scripts.handlers import FAILED_CASES_EXIT_CODE  # importable once compose found the bundle root
 
-    return FAILED_CASES_EXIT_CODE if app.failed_cases else 0
+    return FAILED_CASES_EXIT_CODE if app.failed_cases or app.written < app.total else 0
 
 
 if __name__ == "__main__":

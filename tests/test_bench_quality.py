@@ -60,3 +60,20 @@ def test_the_brain_scores_do_not_depend_on_the_intensity_convention(quality):
         assert scored["pixel_ap"] == pytest.approx(raw["pixel_ap"], abs=0.01), group
         if scored["sample_ap"] is not None:
             assert scored["sample_ap"] == pytest.approx(raw["sample_ap"], abs=0.01), group
+
+
+def test_rescoring_an_earlier_run_gives_its_numbers(quality, default_models):
+    work, result = quality
+    again = bench_quality.main(["--models_dir", str(default_models), "--datasets", "brain", "--work_dir", str(work),
+                                "--json", str(work / "again.json"), "--rescore"])
+    assert again["datasets"]["brain"]["methods"] == result["datasets"]["brain"]["methods"]
+
+
+def test_kind_groups_hold_the_cases_of_that_kind_alone_and_every_normal_case():
+    cases = {"toy_0.nii.gz": {"label": 0, "kinds": ["normal"]}, "toy_1.nii.gz": {"label": 1, "kinds": ["tumour"]},
+             "toy_2.nii.gz": {"label": 1, "kinds": ["tumour", "spots"]},
+             "gorilla_0.nii.gz": {"label": 1, "kinds": ["noise_cube"]}}
+    groups = bench_quality.groups(cases)
+    assert groups["tumour"] == ["toy_0.nii.gz", "toy_1.nii.gz"] and groups["spots"] == ["toy_0.nii.gz"]
+    assert groups["toy"] == ["toy_0.nii.gz", "toy_1.nii.gz", "toy_2.nii.gz"] and len(groups["all"]) == 4
+    assert groups["gorilla"] == groups["noise_cube"] == ["toy_0.nii.gz", "gorilla_0.nii.gz"]

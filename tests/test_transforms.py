@@ -246,7 +246,7 @@ def test_finite_intensity_repairs_nan_and_inf_from_the_finite_range():
 
 def test_finite_intensity_repairs_before_the_float32_cast_at_any_scale(caplog):
     image = IMAGE.double()
-    for scale in (1e300, 1e-300):  # a float64 scan in an absurd unit: cast first, it would be Inf or zeros
+    for scale in (1e300, 1e-300, 1e-320):  # a float64 scan in an absurd unit (the last subnormal): Inf or zeros
         scan = MetaTensor(image * scale, meta={"filename_or_obj": "odd_unit.nii"})
         with caplog.at_level("WARNING", logger="scripts.transforms"):
             out = FiniteIntensity()(scan)
@@ -321,3 +321,11 @@ def test_robust_normalisation_clips_to_the_scans_percentiles_and_ignores_the_uni
     assert float(out[0, 3, 3, 3]) < 5  # clipped to the 99.5th percentile: the outlier does not dominate
     with pytest.raises(ValueError, match="mode must be one of"):
         NormaliseIntensity("minmax")
+
+
+def test_robust_normalisation_of_a_large_grid_samples_its_percentiles():
+    image = torch.linspace(0, 1, 1 << 25).reshape(1, 512, 256, 256)  # beyond torch.quantile's 2^24 values
+    out = NormaliseIntensity("robust")(image, mask=torch.ones(512, 256, 256, dtype=torch.bool))
+    clipped = image.clamp(0.005, 0.995)
+    expected = (clipped - clipped.mean()) / clipped.std()
+    assert torch.allclose(out, expected, atol=1e-3)

@@ -43,6 +43,20 @@ class FinalValidation:
             self.validator.run(trainer.state.epoch)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _agreed_maximum(value: float) -> float:
+    """``value``'s maximum over the ranks of a DDP run (itself otherwise): every rank takes the same decision."""
+    if not _distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 class TimeBudget:
     """Ends training within ``minutes`` of wall time, counted from the trainer's start (the validation before
     training included; caching the data before it is not). It stops at the end of an epoch, before an epoch that
@@ -61,6 +75,7 @@ class TimeBudget:
         self.epoch_started = 0.0
         self.longest_epoch = 0.0
         self.stopped = False
+        self.agreed_elapsed = 0.0
         self.trainer: Engine | None = None
 
     def attach(self, trainer: Engine) -> None:
@@ -79,11 +94,14 @@ class TimeBudget:
 
     def _check(self, trainer: Engine) -> None:
         now = time.perf_counter()
-        self.longest_epoch = max(self.longest_epoch, now - self.epoch_started)
-        if self.seconds is not None and trainer.state.epoch < trainer.state.max_epochs \
-                and now - self.started + self.longest_epoch > self.seconds:
+        elapsed, epoch = _agreed_maximum(now - self.started), _agreed_maximum(now - self.epoch_started)
+        self.longest_epoch = max(self.longest_epoch, epoch)
+        self.agreed_elapsed = elapsed
+        if self.seconds is None or trainer.should_terminate:  # early stopping ended it in this epoch's validation
+            return
+        if trainer.state.epoch < trainer.state.max_epochs and elapsed + self.longest_epoch > self.seconds:
             logger.info("time budget: stopping after epoch %d (%.0f s of %.0f s used, an epoch takes up to %.0f s)",
-                        trainer.state.epoch, now - self.started, self.seconds, self.longest_epoch)
+                        trainer.state.epoch, elapsed, self.seconds, self.longest_epoch)
             self.stopped = True
             trainer.terminate()
 
@@ -92,8 +110,12 @@ class TimeBudget:
         return 0.0 if self.started is None else time.perf_counter() - self.started
 
     def progress(self) -> float:
-        """The fraction of the budget used, in [0, 1]; 0 without a budget."""
-        return 0.0 if self.seconds is None else min(self.elapsed() / self.seconds, 1.0)
+        """The fraction of the budget used, in [0, 1]; 0 without a budget. In a DDP run, the time all ranks agreed
+        on at the last epoch's end, so that every rank uses the same learning rate."""
+        if self.seconds is None:
+            return 0.0
+        elapsed = self.agreed_elapsed if _distributed() else self.elapsed()
+        return min(elapsed / self.seconds, 1.0)
 
     @property
     def stopped_by(self) -> str:

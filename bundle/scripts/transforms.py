@@ -101,7 +101,8 @@ class FiniteIntensity(Transform):
             typical = float(torch.quantile(magnitude.double(), 0.99))
             if not 1 / SAFE_MAGNITUDE <= typical <= SAFE_MAGNITUDE:
                 exponent = -round(math.log2(typical))
-                values = torch.ldexp(values.double(), torch.tensor(exponent, dtype=torch.float64))
+                half = torch.tensor(exponent // 2, dtype=torch.float64)  # in two steps: 2^1063 alone is Inf
+                values = torch.ldexp(torch.ldexp(values.double(), half), exponent - half)
                 notes.append(f"rescaled by 2^{exponent}")
         in_range = torch.isfinite(values) & (values.abs() <= SAFE_MAGNITUDE)
         broken = int(values.numel() - in_range.sum())
@@ -234,7 +235,8 @@ class NormaliseIntensity(Transform):
             )
             selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
             if self.mode == "robust" and selected.numel():
-                sample = _strided_values(selected[None])  # order statistics of at most ~4M values
+                flat = selected.reshape(-1)  # order statistics of at most ~4M values (torch.quantile's limit: 2^24)
+                sample = flat[:: max(1, math.ceil(flat.numel() / (1 << 22)))]
                 low, high = (float(v) for v in torch.quantile(sample.double(), torch.tensor(
                     [0.005, 0.995], dtype=torch.float64, device=sample.device)))
                 values, selected = values.clamp(low, high), selected.clamp(low, high)
