@@ -268,6 +268,10 @@ def main(argv=None) -> dict:
         return result
     result = run(args.models_dir.resolve(), args.work_dir.resolve(), args.datasets, args.size, args.cases,
                  args.gorilla, args.train, args.conventions, args.seed, args.rescore)
+    if args.rescore and args.json.is_file():  # the timings of the run that made the predictions
+        earlier = json.loads(args.json.read_text()).get("datasets", {})
+        for dataset, entry in result["datasets"].items():
+            entry.update({k: v for k, v in earlier.get(dataset, {}).items() if k != "methods"})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     save_json(result, args.json)
     print(json.dumps({d: {m: s["toy"] for m, s in e["methods"].items()} for d, e in result["datasets"].items()}))
