@@ -39,15 +39,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from sklearn.metrics import average_precision_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +55,15 @@ sys.path.insert(1, str(REPO))
 
 from scripts.evaluate import count_metrics, float16_bin_counts  # noqa: E402
 from scripts.files import save_json  # noqa: E402
+from scripts.postprocessing import sample_score  # noqa: E402
+from tools.demo import run_script  # noqa: E402
 from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, write_toy_dataset  # noqa: E402
 
 DATASETS = ("brain", "abdom")
 CONVENTIONS = ("mood", "raw")
 HU_LOW, HU_SPAN = -1024.0, 4095.0  # the CT phantom's HU range onto [0, 1] (12-bit CT)
 MR_SCALE, MR_OFFSET = 1000.0, 100.0  # "scanner units" of the [0, 1] brain phantom
-TOP_FRACTION = 0.01
+TOP_FRACTION = 0.01  # the bundle's default sample score: the mean of the top 1 % of the map
 
 
 def to_convention(volume: np.ndarray, dataset: str, convention: str) -> np.ndarray:
@@ -99,24 +100,6 @@ def normal_statistics(train_dir: Path, dataset: str) -> tuple[np.ndarray, np.nda
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / len(paths) - mean**2, 0)).astype(np.float32)
 
 
-def sample_score(score_map: np.ndarray) -> float:
-    flat = score_map.reshape(-1)
-    k = max(1, int(round(TOP_FRACTION * flat.size)))
-    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
-
-
-def run_script(mode: str, dataset: str, cases: Path, output: Path, models_dir: Path) -> float:
-    """One MOOD entry point as the grader runs it; its wall time in seconds."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MOOD_MODELS_DIR"] = str(models_dir)
-    start = time.perf_counter()
-    result = subprocess.run(["sh", str(REPO / "docker" / f"run_{mode}_{dataset}.sh"), str(cases), str(output)],
-                            env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"run_{mode}_{dataset}.sh failed ({result.returncode}): {result.stderr[-2000:]}")
-    return time.perf_counter() - start
-
-
 def groups(cases: dict[str, dict]) -> dict[str, list[str]]:
     """Group name -> case names: ``all``, ``toy``, each kind with every normal case, ``gorilla`` likewise."""
     normal = [n for n, c in cases.items() if c["label"] == 0]
@@ -149,6 +132,10 @@ def score_groups(per_case: dict[str, dict], cases: dict[str, dict], group_cases:
     return out
 
 
+def baseline_score(score_map: np.ndarray) -> float:
+    return float(sample_score(torch.from_numpy(score_map), TOP_FRACTION))
+
+
 def case_counts(score_map: np.ndarray, label: np.ndarray, score: float) -> dict:
     positives, negatives, _ = float16_bin_counts(score_map, label)
     return {"positives": positives, "negatives": negatives, "score": score}
@@ -167,10 +154,10 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
             per_method[f"bundle_{convention}"][name] = case_counts(score_map, label, score)
         scan = to_convention(np.asanyarray(nib.load(data_dir / "toy" / name).dataobj), dataset, "mood")
         example = np.clip(np.abs(scan - 0.5), 0, 1)
-        per_method["mood_example"][name] = case_counts(example, label, sample_score(example))
+        per_method["mood_example"][name] = case_counts(example, label, baseline_score(example))
         z = np.abs(scan - mean) / (std + 0.01)
         z = z / (1 + z)
-        per_method["zscore"][name] = case_counts(z, label, sample_score(z))
+        per_method["zscore"][name] = case_counts(z, label, baseline_score(z))
     group_cases = groups(cases)
     return {method: score_groups(counts, cases, group_cases) for method, counts in per_method.items()}
 
@@ -202,8 +189,8 @@ def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_g
                 out = predictions / convention / mode
                 if out.exists():
                     shutil.rmtree(out)
-                seconds[f"{convention}_{mode}"] = run_script(mode, dataset, folder, out, models_dir) / len(
-                    written["cases"])
+                seconds[f"{convention}_{mode}"] = run_script(mode, dataset, folder, out, models_dir,
+                                                             quiet=True) / len(written["cases"])
         result["datasets"][dataset] = {
             "methods": evaluate_dataset(data_dir, dataset, written["cases"], folders, predictions),
             "seconds_per_case": seconds, "seconds_generating": generated,

@@ -40,14 +40,13 @@ class MoodAnomalyApp(Application):
     """Scores every scan of the input folder with the bundle's inference, one case at a time."""
 
     name = "mood_anomaly_app"
-    failed_cases: list[str] | tuple = ()  # the writer's list once composed
-    writer = None
-    total = 0
+    writer: MoodWriterOperator | None = None  # set by compose(); counts the scored and the failed cases
 
     @property
-    def written(self) -> int:
-        """Cases that reached the writer (scored or failed): fewer than ``total`` means some were lost."""
-        return 0 if self.writer is None else self.writer.done + len(self.writer.failed)
+    def any_case_failed(self) -> bool:
+        """A case failed, or never reached the writer."""
+        writer = self.writer
+        return writer is None or bool(writer.failed) or writer.done + len(writer.failed) < writer.total
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
     version = "0.5.0"
 
@@ -66,8 +65,7 @@ class MoodAnomalyApp(Application):
         loader = ScanLoaderOperator(self, CountCondition(self, total), bundle=bundle, name="scan_loader")
         inference = EnsembleInferenceOperator(self, bundle=bundle, name="ensemble_inference")
         writer = MoodWriterOperator(self, bundle=bundle, total=total, name="mood_writer")
-        self.failed_cases = writer.failed  # filled while the app runs
-        self.writer, self.total = writer, total
+        self.writer = writer
         self.add_flow(loader, inference, {("case", "case")})
         self.add_flow(inference, writer, {("case", "case")})
 
@@ -90,7 +88,7 @@ def main() -> int:
     app.run()
     from scripts.handlers import FAILED_CASES_EXIT_CODE  # importable once compose found the bundle root
 
-    return FAILED_CASES_EXIT_CODE if app.failed_cases or app.written < app.total else 0
+    return FAILED_CASES_EXIT_CODE if app.any_case_failed else 0
 
 
 if __name__ == "__main__":

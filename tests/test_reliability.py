@@ -263,3 +263,16 @@ def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
                                 timeout=60)
         assert result.returncode != 0 and "DATASET must be one of: brain abdom; got 'liver'" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+ARGPARSE_ENTRY_POINTS = ["scripts.training", "scripts.plans", "scripts.evaluate", "scripts.export", "tools.demo",
+                         "tools.report", "tools.preview", "tools.phantoms", "tools.toy_data", "tools.hostile_inputs"]
+
+
+@pytest.mark.parametrize("module", ARGPARSE_ENTRY_POINTS)
+def test_every_command_line_module_answers_help(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(["--help"])
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out

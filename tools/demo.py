@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import re
 import subprocess
 import time
@@ -26,11 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("brain", "abdom")
 
 
-def run_script(mode: str, dataset: str, cases: Path, predictions: Path) -> float:
-    """Run one MOOD entry point; return its wall time in seconds."""
+def run_script(mode: str, dataset: str, cases: Path, predictions: Path, models_dir: Path | None = None,
+               quiet: bool = False) -> float:
+    """Run one MOOD entry point as the grader does (``models_dir``: ``MOOD_MODELS_DIR``, default the shipped
+    weights; ``quiet``: its log only in the error); return its wall time in seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if models_dir is not None:
+        env["MOOD_MODELS_DIR"] = str(models_dir)
     start = time.perf_counter()
-    subprocess.run(["sh", str(REPO / "docker" / f"run_{mode}_{dataset}.sh"), str(cases), str(predictions)],
-                   check=True)
+    result = subprocess.run(["sh", str(REPO / "docker" / f"run_{mode}_{dataset}.sh"), str(cases), str(predictions)],
+                            env=env, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"run_{mode}_{dataset}.sh failed ({result.returncode})"
+                           + (f": {result.stderr[-2000:]}" if quiet else ""))
     return time.perf_counter() - start
 
 
