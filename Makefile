@@ -7,11 +7,11 @@ export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 
 help:
 	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
-	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...]'
-	@echo '     demo-train [GPU=1] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package | clean'
+	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
+	@echo '     demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package | clean'
 	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
 
-.PHONY: help setup test lint demo demo-train preview bench bench-training bench-inference bench-quality train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+.PHONY: help setup test lint demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -46,13 +46,15 @@ demo: setup
 	$(PY) -m tools.demo --output_dir outputs/demo
 
 # Train default weights from scratch on toy normals and install them into bundle/models.
-# `make demo-train GPU=1`: the recipe of the shipped weights (128^3 grid, 40 normals, the 122-epoch schedule the
-# shipped run was cut short of; see bundle/models/README.md). Plain `make demo-train`: a CPU-sized recipe
-# (64^3, 20 normals, 12 epochs; about 30 min on 2 cores), which gives much weaker weights.
+# `make demo-train GPU=1 [BUDGET=60]`: the recipe of the shipped weights (128^3 grid, 40 normals, 8 base filters) with
+# today's defaults, every fold given BUDGET minutes (the cosine spans it) and the five folds of a dataset trained at
+# once on the one GPU; see bundle/models/README.md. Plain `make demo-train`: a CPU-sized recipe (64^3, 20 normals,
+# 12 epochs; about 30 min on 2 cores), which gives much weaker weights.
 ifdef GPU
 DEMO_TRAIN_NORMALS = 40
-DEMO_TRAIN_ARGS = --spatial_size '[128,128,128]' --network_base_filters 8 --max_epochs 122 --early_stop_patience 122 \
-	--val_interval 4 --num_workers 2 --seed 0 --cache_dir outputs/demo-train/cache
+DEMO_TRAIN_ARGS = --spatial_size '[128,128,128]' --network_base_filters 8 --time_budget $(or $(BUDGET),60) \
+	--max_epochs 10000 --early_stop_patience 10000 --val_interval 4 --num_workers 2 --seed 0 --parallel_folds 5 \
+	--cache_dir outputs/demo-train/cache
 else
 DEMO_TRAIN_NORMALS = 20
 DEMO_TRAIN_ARGS = --spatial_size '[64,64,64]' --network_base_filters 8 --max_epochs 12 --early_stop_patience 12 \
@@ -65,6 +67,26 @@ demo-train: setup
 	$(MAKE) train DATA=outputs/demo-train/data/abdom/abdom_train DATASET=abdom OUT=outputs/demo-train \
 		FOREIGN=outputs/demo-train/data/brain/brain_train ARGS="$(DEMO_TRAIN_ARGS)"
 	for d in brain abdom; do mkdir -p bundle/models/$$d && cp outputs/demo-train/models/$$d/* bundle/models/$$d/; done
+
+# `make demo-finetune [DATASET=abdom] [BUDGET=5] [LR=0.0008]`: every fold of the shipped DATASET models fine-tuned
+# for BUDGET minutes on the shipped recipe's own data (128^3, 40 normals, seed 0) with the current defaults (e.g.
+# the abdomen's robust normalisation), then installed into bundle/models (`git checkout bundle/models` undoes it):
+# the CPU experiment of bundle/models/README.md. LR: the peak of the cosine, about where the shipped run's
+# schedule stopped.
+LR ?= 0.0008
+OTHER = $(if $(filter brain,$(DATASET)),abdom,brain)
+FINETUNE = outputs/demo-finetune
+demo-finetune: setup
+	$(check_dataset)
+	test -d $(FINETUNE)/data/brain/brain_train -a -d $(FINETUNE)/data/abdom/abdom_train || \
+		$(PY) -m tools.toy_data --output_dir $(FINETUNE)/data --size 128 --train 40 --toy 2 --seed 0
+	rm -rf $(FINETUNE)/models/$(DATASET) $(FINETUNE)/metrics.json
+	$(MAKE) train DATA=$(FINETUNE)/data/$(DATASET)/$(DATASET)_train DATASET=$(DATASET) OUT=$(FINETUNE) \
+		FOREIGN=$(FINETUNE)/data/$(OTHER)/$(OTHER)_train ARGS="--init_models_dir bundle/models \
+		--spatial_size '[128,128,128]' --network_base_filters 8 --time_budget $(or $(BUDGET),5) --learning_rate $(LR) \
+		--warmup_epochs 0 --max_epochs 10000 --early_stop_patience 10000 --num_workers 1 --seed 0 \
+		--cache_dir $(FINETUNE)/cache"
+	cp $(FINETUNE)/models/$(DATASET)/* bundle/models/$(DATASET)/
 
 preview: setup
 	$(PY) -m tools.preview --output_dir bundle/docs/images
@@ -108,6 +130,12 @@ bench-inference: setup
 # pixel and sample AP per group next to two baselines (bench/bench_quality.py; about an hour on 2 cores)
 bench-quality: setup
 	$(PY) bench/bench_quality.py $(if $(MODELS),--models_dir "$(MODELS)")
+
+# `make bench-recipe [ARGS="--budget 6 --datasets brain"]`: training settings compared at an equal time budget,
+# one fold each, on synthetic validation (what chooses) and the held-out toy and gorilla sets (what checks)
+# (bench/study_recipe.py; about 7 min per setting and dataset on 2 cores at the default 64^3)
+bench-recipe: setup
+	$(PY) bench/study_recipe.py $(ARGS)
 
 # toy normal scans for trying training without MOOD data: `make normals DATASET=brain [OUT=data/normals/brain]`
 # (without OUT they go to data/normals/<DATASET>, never into the training run folder)
@@ -166,7 +194,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.5.0
+MAP_TAG ?= mood-anomaly:0.6.0
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

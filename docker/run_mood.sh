@@ -15,6 +15,8 @@
 #   MOOD_PYTHON      the Python to run (default: /opt/venv/bin/python in the image, <repo>/.venv/bin/python)
 #   MOOD_MODELS_DIR  folder with brain/ and abdom/ subfolders of fold_<k>.pt (default: <bundle>/models),
 #                    e.g. runs/models after `make train`
+#   MOOD_ALLOW_PARTIAL_ENSEMBLE=1  score with the folds there are when some of the plan's folds are missing
+#                    (e.g. after `make train ... ARGS="--folds 0"`); default: such a models folder is an error
 #   MOOD_DRY_RUN=1   print the command and its environment, run nothing (the image build uses it as a check)
 #
 # Exit code: 0 when every scan has its output (a failed case in sample mode gets the fallback score and counts as
@@ -97,6 +99,9 @@ cmd=("$python" -m monai.bundle run
 if [[ -n "${MOOD_MODELS_DIR:-}" ]]; then
     [[ -d "$MOOD_MODELS_DIR" ]] || die "MOOD_MODELS_DIR '$MOOD_MODELS_DIR' is not a folder"
     cmd+=(--models_dir "$(cd "$MOOD_MODELS_DIR" && pwd)")
+fi
+if [[ "${MOOD_ALLOW_PARTIAL_ENSEMBLE:-0}" == 1 ]]; then
+    cmd+=(--allow_partial_ensemble true)
 fi
 
 # --- everything the run writes goes into a temporary folder inside the output folder ---

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_models as write_planned_models
 from scripts.files import bundle_configs
@@ -170,3 +171,21 @@ def test_maps_do_not_depend_on_the_intensity_convention(dataset, normal_scans, t
     assert reference.std() > 0
     for name, other in maps.items():
         np.testing.assert_allclose(other, reference, atol=1e-3, err_msg=name)
+
+
+def test_test_time_flips_average_each_flipped_map_flipped_back():
+    from scripts.ensemble import Ensemble
+
+    class AddRamp(torch.nn.Module):  # adds a ramp along the last axis: equivariant to the flips of the others
+        def forward(self, x):
+            return x + torch.arange(x.shape[-1], dtype=x.dtype)
+
+    image = torch.randn(1, 1, 4, 5, 6)
+    ramp = torch.arange(6, dtype=torch.float32)
+    plain, flipped = torch.sigmoid(image + ramp), torch.sigmoid(image + ramp.flip(0))
+    assert torch.allclose(Ensemble([AddRamp()])(image), plain)
+    assert torch.allclose(Ensemble([AddRamp()], flip_axes=(0,))(image), plain, atol=1e-6)
+    assert torch.allclose(Ensemble([AddRamp(), AddRamp()], flip_axes=(0, 2))(image),
+                          (2 * plain + flipped) / 3, atol=1e-6)
+    with pytest.raises(ValueError, match="spatial axes 0..2"):
+        Ensemble([AddRamp()], flip_axes=(3,))(image)

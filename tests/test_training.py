@@ -93,12 +93,40 @@ def test_a_time_budget_stops_training_and_still_validates_and_records_the_run(no
     assert (out / "models" / "brain" / "fold_0.pt").is_file()
 
 
+def test_fine_tuning_starts_each_fold_from_the_given_models(normal_scans, tmp_path):
+    data = ["--config_file", configs("brain"), "--dataset_dir", str(normal_scans["brain"]),
+            "--cache_dir", str(tmp_path / "cache")]
+    common = [*data, *TINY]
+    run([*common, "--fold", "1", "--output_dir", str(tmp_path / "first"), "--max_epochs", "2"])
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    best = json.loads((tmp_path / "first" / "models" / "brain" / "fold_1.json").read_text())["best_metric_epoch"]
+    init = ["--init_models_dir", str(tmp_path / "first" / "models"), "--max_epochs", "1"]
+    run([*common, "--fold", "1", "--output_dir", str(tmp_path / "tuned"), *init])
+    tuned = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    # before any step, the validation sees the first run's best checkpoint: its metrics exactly
+    start = {k: tuned[0][k] for k in ("pixel_ap", "sample_ap", "loss")}
+    assert start == {k: [r for r in first if r["epoch"] == best][0][k] for k in start}
+    fold = json.loads((tmp_path / "tuned" / "models" / "brain" / "fold_1.json").read_text())
+    assert fold["recipe"]["init_models_dir"] == str(tmp_path / "first" / "models")
+    # a network that does not fit, or a fold without a checkpoint: one line naming the file
+    wider = [("8" if previous == "--network_base_filters" else a) for previous, a in zip(["", *TINY], TINY)]
+    for name, args, message in (("wider", [*data, *wider, "--fold", "1"], "fold_1.pt' does not fit the network"),
+                                ("missing", [*common, "--fold", "2"], "fold_2.pt does not exist")):
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+        result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--meta_file",
+                                 "bundle/configs/metadata.json", "--bundle_root", "bundle", *args, *init,
+                                 "--output_dir", str(tmp_path / name)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
 def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     out = tmp_path / "run"
     run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),
          "--foreign_dir", str(normal_scans["brain"]), "--output_dir", str(out),
          "--cache_dir", str(tmp_path / "cache"), "--fold", "3", "--num_train_tasks", "2", "--max_epochs", "3",
-         "--val_interval", "2", "--loss", "bce", "--normalisation", "fingerprint", *TINY])
+         "--val_interval", "2", "--loss", "mse", "--normalisation", "fingerprint", *TINY])
     # validation before training, every second epoch, and after the last epoch
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [0, 2, 3]
     model_dir = out / "models" / "abdom"
@@ -117,9 +145,12 @@ def test_all_folds_of_a_split_and_their_summary(normal_scans, tmp_path):
     command = [sys.executable, "-m", "scripts.training", "--config_file", *bundle_configs("bundle", "train", "brain"),
                "--output_dir", str(out), "--num_train_tasks", "4", "--folds", "0", "4",
                "--dataset_dir", str(normal_scans["brain"]), "--cache_dir", str(tmp_path / "cache"),
-               "--max_epochs", "1", *TINY]
+               "--max_epochs", "1", "--parallel_folds", "2", *TINY]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
+    # the two folds ran at once and share metrics.json: neither lost a record
+    records = json.loads((out / "metrics.json").read_text())
+    assert sorted((r["fold"], r["epoch"]) for r in records) == [(0, 0), (0, 1), (4, 0), (4, 1)]
     summary = json.loads((out / "models" / "brain" / "summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 4] and summary["failed_folds"] == []
     assert all(f["exit_code"] == 0 and "best_metric" in f for f in summary["folds"])

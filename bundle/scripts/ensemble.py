@@ -15,26 +15,38 @@ from monai.data import MetaTensor
 from scripts.files import MODEL_SUFFIXES, load_json
 from scripts.plans import PLAN_FILE
 
-__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "model_files"]
+__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_weights", "model_files"]
 
 logger = logging.getLogger(__name__)
 
 
 class Ensemble(torch.nn.Module):
-    """Mean of the sigmoid outputs of the fold models: anomaly probabilities in [0, 1]."""
+    """Mean of the sigmoid outputs of the fold models: anomaly probabilities in [0, 1].
 
-    def __init__(self, networks: Sequence[torch.nn.Module]) -> None:
+    ``flip_axes`` (spatial axes of the input, e.g. ``(0,)`` for left-right on the RAS working grid): test-time
+    flips, each fold's map is also computed on the input flipped along each of these axes, flipped back and
+    averaged in (1 + len(flip_axes) passes per fold).
+    """
+
+    def __init__(self, networks: Sequence[torch.nn.Module], flip_axes: Sequence[int] = ()) -> None:
         super().__init__()
         if not networks:
             raise ValueError("an ensemble needs at least one network")
         self.networks = torch.nn.ModuleList(networks)
+        self.flip_axes = tuple(int(a) for a in flip_axes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.ndim - 2
+        if any(not 0 <= a < spatial for a in self.flip_axes):
+            raise ValueError(f"flip_axes {self.flip_axes} must be spatial axes 0..{spatial - 1}")
+        views = [()] + [(a + 2,) for a in self.flip_axes]  # the input's dims to flip, for each pass
         total = None
         for network in self.networks:
-            p = torch.sigmoid(network(x).float())
-            total = p if total is None else total + p
-        return total / len(self.networks)
+            for dims in views:
+                p = torch.sigmoid(network(x.flip(dims) if dims else x).float())
+                p = p.flip(dims) if dims else p
+                total = p if total is None else total + p
+        return total / (len(self.networks) * len(views))
 
 
 def model_files(models_dir: str | Path, dataset: str, model_format: str = "pytorch") -> list[Path]:
@@ -83,7 +95,15 @@ def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, devi
         return torch.jit.load(str(path), map_location="cpu")
     if model_format == "onnx":
         return OnnxNetwork(path, device)
-    network = copy.deepcopy(network_def)
+    return load_weights(copy.deepcopy(network_def), path,
+                        f"the network of its folder's {PLAN_FILE} (was it trained into another folder, or its plan "
+                        "replaced?)")
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, expected: str = "the network") -> torch.nn.Module:
+    """Load the plain state dict ``path`` into ``network`` (in place) and return it. Anything but tensors and
+    plain containers is refused (``weights_only``: loading it would run code); a state dict that does not fit
+    is an error naming the file and ``expected``, the network it should have fitted."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
@@ -94,10 +114,7 @@ def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, devi
     try:
         network.load_state_dict(state)
     except Exception as err:
-        raise ValueError(
-            f"model {str(path)!r} does not fit the network of its folder's {PLAN_FILE} (was it trained into another "
-            f"folder, or its plan replaced?): {err}"
-        ) from err
+        raise ValueError(f"model {str(path)!r} does not fit {expected}: {err}") from err
     return network
 
 
@@ -125,11 +142,12 @@ def check_folds(files: Sequence[Path], plan: dict | None, allow_partial: bool = 
 
 def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset: str, device,
                   model_format: str = "pytorch", plan: dict | None = None,
-                  allow_partial: bool = False) -> Ensemble:
+                  allow_partial: bool = False, flip_axes: Sequence[int] = ()) -> Ensemble:
     """Every fold model of ``models_dir/<dataset>`` as one :class:`Ensemble` in eval mode on ``device``:
     plain state dicts ``fold_<k>.pt`` loaded into copies of ``network_def`` (``model_format='pytorch'``), or
     their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime). With the models' ``plan``,
-    an ensemble missing some of the plan's folds is refused unless ``allow_partial`` (:func:`check_folds`)."""
+    an ensemble missing some of the plan's folds is refused unless ``allow_partial`` (:func:`check_folds`).
+    ``flip_axes``: test-time flips (:class:`Ensemble`)."""
     files = model_files(models_dir, dataset, model_format)
     check_folds(files, plan, allow_partial)
     networks = []
@@ -139,4 +157,4 @@ def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset:
             logger.warning("%s is older than %s: re-export with 'make export'", path, state_dict.name)
         networks.append(_load_fold(network_def, path, model_format, device))
     logger.info("ensemble of %d %s fold models from %s", len(networks), model_format, Path(models_dir) / dataset)
-    return Ensemble(networks).to(device).eval()
+    return Ensemble(networks, flip_axes).to(device).eval()

@@ -4,6 +4,7 @@ inference."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.files import write_atomically
 from scripts.inference import ERROR, NAME
 
 __all__ = ["FAILED_CASES_EXIT_CODE", "FinalValidation", "MetricsJSONWriter", "ProgressReporter", "TimeBudget",
@@ -174,10 +176,14 @@ class MetricsJSONWriter:
         for source, target in self.names.items():
             value = evaluator.state.metrics.get(source)
             record[target] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-        records = json.loads(self.path.read_text()) if self.path.is_file() else []
-        records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(records, indent=1) + "\n")
+        # folds trained at once share the file: one writer at a time, and a stop leaves the old file or the new
+        with open(self.path.parent / f".{self.path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = json.loads(self.path.read_text()) if self.path.is_file() else []
+            records.append(record)
+            text = json.dumps(records, indent=1) + "\n"
+            write_atomically(self.path, lambda tmp: tmp.write_text(text))
         logger.info("validation at epoch %d: %s", record["epoch"], {k: record[k] for k in self.names.values()})
 
 

@@ -22,7 +22,7 @@ from scripts.data import CrossValidationSplit, model_folds
 from scripts.files import save_json
 from scripts.plans import ensure_plan
 
-__all__ = ["cache_folder", "cached_scans", "check_arguments", "save_fold_result", "train_folds"]
+__all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,22 @@ def check_arguments(dataset_dir, output_dir, bundle_root) -> None:
     output.mkdir(parents=True, exist_ok=True)
     if output == Path(bundle_root).resolve():
         logger.warning("output_dir is the bundle root: this run replaces the shipped weights in %s/models", output)
+
+
+def initial_weights(network: torch.nn.Module, init_models_dir: str | Path | None, dataset: str,
+                    fold: int) -> torch.nn.Module:
+    """Fine-tuning: start fold ``fold`` from ``<init_models_dir>/<dataset>/fold_<fold>.pt`` (a plain state dict
+    of the network this run builds, e.g. the shipped weights); ``None`` keeps the network's initialisation."""
+    if init_models_dir is None:
+        return network
+    from scripts.ensemble import load_weights
+
+    path = Path(init_models_dir) / dataset / f"fold_{fold}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_models_dir: {path} does not exist (fold {fold} would start from it)")
+    load_weights(network, path, "the network this run builds (its network_* settings must match the model's)")
+    logger.info("fold %d starts from %s", fold, path)
+    return network
 
 
 def _relative(scans, dataset_dir) -> list[str]:
@@ -147,10 +163,13 @@ def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) 
 
 def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1,
                 overrides: list[str] | None = None, bundle_root: str = "bundle", gpus: int | None = None,
-                folds: list[int] | None = None) -> dict:
+                folds: list[int] | None = None, parallel_folds: int | None = None) -> dict:
     """Write the plan, then train every model fold of a split (one process per fold, spread over the GPUs when
-    there are several) and write ``<output_dir>/models/<dataset>/summary.json`` with each fold's validation
-    result."""
+    there are several; ``parallel_folds`` at a time, default one per GPU, so that one large GPU can train
+    several small folds at once) and write ``<output_dir>/models/<dataset>/summary.json`` with each fold's
+    validation result."""
+    if parallel_folds is not None and parallel_folds < 1:
+        raise ValueError(f"parallel_folds must be at least 1, got {parallel_folds}")
     overrides = list(overrides or []) + ["--output_dir", output_dir, "--num_train_tasks", str(num_train_tasks)]
     folds = list(range(len(model_folds(num_train_tasks)))) if folds is None else folds
     dataset, model_dir = write_plan(config_files, overrides, bundle_root)
@@ -168,7 +187,7 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
         code = subprocess.call(_fold_command(fold, config_files, overrides, bundle_root), env=fold_env)
         return fold, code, time.perf_counter() - start
 
-    with ThreadPoolExecutor(max_workers=max(1, gpus)) as pool:
+    with ThreadPoolExecutor(max_workers=parallel_folds or max(1, gpus)) as pool:
         outcomes = list(pool.map(run, range(len(folds))))
     failed = [fold for fold, code, _ in outcomes if code != 0]
     records = []
@@ -199,11 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="default: all folds of the split")
     parser.add_argument("--bundle_root", default="bundle")
     parser.add_argument("--gpus", type=int, default=None, help="default: all visible GPUs")
+    parser.add_argument("--parallel_folds", type=int, default=None,
+                        help="folds trained at once (default: one per GPU, one on the CPU)")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = train_folds(args.config_file, args.output_dir, args.num_train_tasks, overrides=overrides,
-                              bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds)
+                              bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds,
+                              parallel_folds=args.parallel_folds)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # one line, before any fold or after all
         from scripts.inference import describe_error
 
