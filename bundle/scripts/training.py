@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from scripts.data import CrossValidationSplit, model_folds
+from scripts.ensemble import load_weights
 from scripts.files import save_json
 from scripts.plans import ensure_plan
 
@@ -64,8 +65,6 @@ def initial_weights(network: torch.nn.Module, init_models_dir: str | Path | None
     of the network this run builds, e.g. the shipped weights); ``None`` keeps the network's initialisation."""
     if init_models_dir is None:
         return network
-    from scripts.ensemble import load_weights
-
     path = Path(init_models_dir) / dataset / f"fold_{fold}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_models_dir: {path} does not exist (fold {fold} would start from it)")
