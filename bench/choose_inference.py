@@ -8,7 +8,8 @@ Run from the repository root after a training run::
 Rebuilds the run's fixed validation set (held-out tasks, about half the samples normal) from the training
 config and the run's own plan (its grid, normalisation and network), predicts each sample with the fold's best
 checkpoint, and reports for each way to make the map (the plain sigmoid; the mean over the image and its
-left-right flip, or its flips along each axis; Gaussian smoothing of the map, sigma in working-grid voxels) the
+left-right flip, or its flips along each axis; Gaussian smoothing of the map, sigma in working-grid voxels; for
+models trained on patches, whole scans in one pass and in sliding windows) the
 pooled pixel AP and the sample AP of several ways to turn a map into one score: the mean of the top fraction of
 voxels (1 voxel, 1e-4, 1e-3, 1e-2), the mean of the whole map, and FPI's slice score (per-slice mean, smoothed
 along the slices, mean of the top 25 %). ``--normalisation`` scores the same weights with another intensity
@@ -36,6 +37,7 @@ from monai.transforms import GaussianSmooth  # noqa: E402
 from scripts.ensemble import Ensemble  # noqa: E402
 from scripts.files import bundle_configs, save_json  # noqa: E402
 from scripts.metrics import PixelAveragePrecision  # noqa: E402
+from scripts.networks import make_inferer  # noqa: E402
 from scripts.plans import build_network, load_plan  # noqa: E402
 from scripts.postprocessing import sample_score  # noqa: E402
 
@@ -63,11 +65,12 @@ AGGREGATIONS = {
 
 
 # how the map is made from the network: the plain sigmoid, or the inference ensemble's test-time flips (the
-# input is a batch of one on the RAS working grid; spatial axis 0 is left-right)
+# input is a batch of one on the RAS working grid; spatial axis 0 is left-right); each through the plan's inferer
+# (sliding windows for models trained on patches), as inference runs it
 MAPS = {
-    "plain": lambda network, image: Ensemble([network])(image),
-    "left-right flip": lambda network, image: Ensemble([network], flip_axes=(0,))(image),
-    "flips of all axes": lambda network, image: Ensemble([network], flip_axes=(0, 1, 2))(image),
+    "plain": lambda network, image, inferer: inferer(image, Ensemble([network])),
+    "left-right flip": lambda network, image, inferer: inferer(image, Ensemble([network], flip_axes=(0,))),
+    "flips of all axes": lambda network, image, inferer: inferer(image, Ensemble([network], flip_axes=(0, 1, 2))),
 }
 SMOOTHING = (1.0, 2.0)
 
@@ -121,8 +124,15 @@ def main(argv=None) -> dict:
     checkpoint = models_dir / args.dataset / f"fold_{args.fold}.pt"
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     network.eval()
+    inferer = make_inferer(plan["patch_size"], plan["sliding_window"])
 
-    variants = list(MAPS) + [f"plain, smoothed sigma {sigma:g}" for sigma in SMOOTHING]
+    maps_of = dict(MAPS)
+    if plan["patch_size"]:  # models trained on patches: also the other way to see a whole scan than their plan's
+        other = not plan["sliding_window"]
+        other_inferer = make_inferer(plan["patch_size"], other)
+        maps_of["plain, in sliding windows" if other else "plain, in one pass"] = (
+            lambda network, image, _: other_inferer(image, Ensemble([network])))
+    variants = list(maps_of) + [f"plain, smoothed sigma {sigma:g}" for sigma in SMOOTHING]
     smoothers = {f"plain, smoothed sigma {sigma:g}": GaussianSmooth(sigma) for sigma in SMOOTHING}
     scores = {v: {name: [] for name in AGGREGATIONS} for v in variants}
     pixel = {v: PixelAveragePrecision() for v in variants}
@@ -131,7 +141,7 @@ def main(argv=None) -> dict:
         for i in range(len(dataset)):
             item = dataset[i]
             image = item["image"][None].float()
-            maps = {name: make(network, image)[0] for name, make in MAPS.items()}
+            maps = {name: make(network, image, inferer)[0] for name, make in maps_of.items()}
             maps.update({name: smooth(maps["plain"]) for name, smooth in smoothers.items()})
             labels.append(float(item["label"].max() >= 0.5))
             for variant, prediction in maps.items():

@@ -2,18 +2,22 @@
 
 Run from the repository root::
 
-    PYTHONPATH=bundle:. .venv/bin/python bench/study_recipe.py [--budget 3] [--size 64] \
+    PYTHONPATH=bundle:. .venv/bin/python bench/study_recipe.py [--budget 3] [--size 64] [--data_size 128] \
         [--datasets brain abdom] [--settings baseline tasks_2 ...] [--no_check]
 
 For every dataset and setting, one model fold (fold 0 of its split) is trained with the bundle's own training
 command (``python -m scripts.training``) under ``--time_budget`` minutes, on toy normals made with seed 0 at
-``--size``^3 (the working grid is the same size, so nothing is resampled). What chooses is the fold's best
+``--data_size``^3 (default ``--size``) with a working grid of ``--size``^3 (the toy scans resampled to it). What
+chooses is the fold's best
 synthetic validation result (held-out tasks on the held-out data fold: the paper's principle). What checks
-is ``bench/bench_quality.py`` at the same size on its held-out toy kinds and gorilla set (seed 2026), through
+is ``bench/bench_quality.py`` at the data's size on its held-out toy kinds and gorilla set (seed 2026), through
 the four MOOD run scripts with ``MOOD_ALLOW_PARTIAL_ENSEMBLE=1`` (one fold, not the ensemble). The table
 goes to stdout and the JSON to ``bench/results/recipe_study.json``; ``--from_json`` prints an earlier one.
 
-Settings differ from ``baseline`` (the defaults of ``configs/train.yaml``) in one knob each. Validation sets
+Settings differ from ``baseline`` (the defaults of ``configs/train.yaml``) in one knob each; ``patches`` trains
+on the data's own grid (``--data_size``^3) in ``--size``^3 crops and sees whole scans in one pass
+(``patches_windows``: in sliding windows of the crop size), so each training step costs what a baseline step costs
+while the network sees voxels at their native size. Validation sets
 differ with the number of training tasks (1 task: 4 held-out tasks; 2: 3; 4: 1), so compare those on the
 check sets too.
 """
@@ -50,7 +54,20 @@ SETTINGS = {
     "mse": ["--loss", "mse"],
     "lr_3e-3": ["--learning_rate", "0.003"],
     "lr_3e-4": ["--learning_rate", "0.0003"],
+    # cubes of the study's --data_size and --size
+    "patches": {"spatial_size": "data_size", "patch_size": "size"},
+    "patches_windows": {"spatial_size": "data_size", "patch_size": "size", "sliding_window": "True"},
 }
+
+
+def setting_arguments(setting: str, size: int, data_size: int) -> list[str]:
+    """The setting's training arguments (sizes of ``patches`` filled in)."""
+    knobs = SETTINGS[setting]
+    if isinstance(knobs, list):
+        return knobs
+    sides = {"size": size, "data_size": data_size}
+    return [item for key, value in knobs.items()
+            for item in (f"--{key}", json.dumps([sides[value]] * 3) if value in sides else value)]
 
 
 def best_validation(run_dir: Path, record: dict) -> dict:
@@ -61,7 +78,7 @@ def best_validation(run_dir: Path, record: dict) -> dict:
 
 
 def train_setting(dataset: str, setting: str, data_dir: Path, work_dir: Path, size: int, budget: float,
-                  cache_dir: Path) -> dict:
+                  cache_dir: Path, data_size: int | None = None, val_interval: int = 2) -> dict:
     """Train fold 0 of one setting under the budget; return its fold record and its best validation."""
     other = "abdom" if dataset == "brain" else "brain"
     run_dir = work_dir / dataset / setting
@@ -69,14 +86,17 @@ def train_setting(dataset: str, setting: str, data_dir: Path, work_dir: Path, si
     if record_path.is_file():  # done by an earlier, interrupted study
         record = json.loads(record_path.read_text())
         return {"fold": record, "best": best_validation(run_dir, record)}
+    knobs = {"--spatial_size": json.dumps([size] * 3), "--time_budget": str(budget), "--max_epochs": "10000",
+             "--early_stop_patience": "10000", "--val_interval": str(val_interval), "--num_workers": "1",
+             "--seed": "0", "--cache_dir": str(cache_dir)}
+    arguments = setting_arguments(setting, size, data_size or size)
+    knobs.update(zip(arguments[::2], arguments[1::2]))  # the setting's knob replaces the study's default
     command = [sys.executable, "-m", "scripts.training", "--config_file",
                *(str(REPO / "bundle" / "configs" / f) for f in ("common.yaml", "train.yaml", f"{dataset}.yaml")),
                "--output_dir", str(run_dir), "--folds", "0",
                "--dataset_dir", str(data_dir / dataset / f"{dataset}_train"),
                "--foreign_dir", str(data_dir / other / f"{other}_train"),
-               "--spatial_size", json.dumps([size] * 3), "--time_budget", str(budget),
-               "--max_epochs", "10000", "--early_stop_patience", "10000", "--val_interval", "2",
-               "--num_workers", "1", "--seed", "0", "--cache_dir", str(cache_dir), *SETTINGS[setting]]
+               *(item for pair in knobs.items() for item in pair)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "bundle"))
     log = run_dir / "study.log"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +143,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--budget", type=float, default=3.0, help="minutes per setting and dataset")
-    parser.add_argument("--size", type=int, default=64, help="cube side of the toy scans and the working grid")
+    parser.add_argument("--size", type=int, default=64, help="cube side of the working grid (patches: of the crops)")
+    parser.add_argument("--data_size", type=int, default=None,
+                        help="cube side of the toy scans and of the check sets (default: --size)")
+    parser.add_argument("--val_interval", type=int, default=2, help="validate every N epochs")
     parser.add_argument("--train", type=int, default=20, help="toy normals per dataset (seed 0)")
     parser.add_argument("--no_check", action="store_true", help="synthetic validation only")
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "recipe-study")
@@ -134,24 +157,34 @@ def main(argv=None) -> dict:
         study = json.loads(args.from_json.read_text())
         print(table(study))
         return study
-    data_dir = args.work_dir.resolve() / "data"
-    work_dir = args.work_dir.resolve() / f"{args.size}cubed_{args.budget:g}min"  # the runs of this budget
+    data_size = args.data_size or args.size
+    data_dir = args.work_dir.resolve() / f"data_{data_size}cubed"
+    # the runs of this budget and these sizes
+    work_dir = args.work_dir.resolve() / (f"{args.size}cubed_{args.budget:g}min" if data_size == args.size
+                                          else f"{data_size}data_{args.size}cubed_{args.budget:g}min")
     for dataset in DATASETS:  # both: each is the other's foreign scans (poisson_inter)
         if not (data_dir / dataset / f"{dataset}_train").is_dir():
-            write_toy_dataset(data_dir, dataset, n_train=args.train, n_toy=0, size=args.size, seed=0)
+            write_toy_dataset(data_dir, dataset, n_train=args.train, n_toy=0, size=data_size, seed=0)
+    settings = {"budget": args.budget, "size": args.size, "data_size": data_size, "val_interval": args.val_interval,
+                "train": args.train, "fold": 0}
     study = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    if study.get("settings", {}).get("budget") != args.budget or study["settings"].get("size") != args.size:
+    if {**settings, **study.get("settings", {})} != settings:  # another study's file: start afresh
         study = {}
-    study.setdefault("settings", {"budget": args.budget, "size": args.size, "train": args.train, "fold": 0})
+    study.setdefault("settings", settings)
     study.setdefault("datasets", {})
+    chosen = list(args.settings)
+    for patches in ("patches", "patches_windows"):
+        if patches in chosen and data_size == args.size:
+            chosen.remove(patches)  # the crop would be the whole grid: the baseline again
+            print(f"{patches} skipped: it needs --data_size larger than --size (e.g. --size 64 --data_size 128)")
     for dataset in args.datasets:
-        for setting in args.settings:
+        for setting in chosen:
             started = time.perf_counter()
             entry = {"record": train_setting(dataset, setting, data_dir, work_dir, args.size, args.budget,
-                                             work_dir / "cache")}
+                                             work_dir / "cache", data_size, args.val_interval)}
             if not args.no_check:
                 entry["check"] = check_setting(dataset, work_dir / dataset / setting / "models",
-                                               work_dir / "check" / dataset / setting, args.size)
+                                               work_dir / "check" / dataset / setting, data_size)
             study["datasets"].setdefault(dataset, {})[setting] = entry
             args.json.parent.mkdir(parents=True, exist_ok=True)
             save_json(study, args.json)  # after every setting: an interrupted study keeps what it has

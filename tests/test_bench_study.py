@@ -54,3 +54,10 @@ def test_a_study_resumes_without_training_again_and_prints_its_table(study, caps
     study_recipe.main(["--from_json", str(work / "study.json")])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| brain |")]
     assert [row.split("|")[2].strip() for row in rows[-2:]] == ["baseline", "anomalies_1"]
+
+
+def test_the_patch_setting_trains_on_the_data_grid_in_crops_of_the_study_size():
+    assert study_recipe.setting_arguments("patches", 64, 128) == [
+        "--spatial_size", "[128, 128, 128]", "--patch_size", "[64, 64, 64]"]
+    assert study_recipe.setting_arguments("patches_windows", 64, 128)[-2:] == ["--sliding_window", "True"]
+    assert study_recipe.setting_arguments("mse", 64, 128) == ["--loss", "mse"]

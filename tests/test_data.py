@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from scripts.data import (
     SyntheticAnomalyDataset,
@@ -18,6 +19,7 @@ from scripts.data import (
     default_tasks,
     list_scans,
     model_folds,
+    random_patch,
 )
 from scripts.transforms import NormaliseIntensityd
 
@@ -138,6 +140,58 @@ def test_training_samples_follow_the_random_state():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(data[0]["image"], first[0])  # the next draw differs
     assert set(data[0]) == {"image", "label", "anomaly_task"}
+
+
+def test_training_patches_are_cut_from_the_whole_sample_and_half_hold_an_anomaly():
+    scans = preprocessed(4, spatial=(24, 20, 16))
+    tasks = ["sink", "source", "smooth_intensity"]
+    whole = SyntheticAnomalyDataset(scans, tasks, NormaliseIntensityd(), max_anomalies=1)
+    patches = SyntheticAnomalyDataset(scans, tasks, NormaliseIntensityd(), max_anomalies=1, patch_size=[8, 8, 8])
+    whole.set_random_state(5)
+    patches.set_random_state(5)
+    holding = 0
+    for i in range(24):
+        full, patch = whole[i % 4], patches[i % 4]
+        assert set(patch) == {"image", "label", "anomaly_task"} and patch["anomaly_task"] == full["anomaly_task"]
+        assert patch["image"].shape == patch["label"].shape == (1, 8, 8, 8)
+        assert not isinstance(patch["image"], MetaTensor)  # a batch cannot mix MetaTensors and tensors
+        # the same sample as without patches, cut afterwards: the anomalies keep their size on the scan's grid
+        offsets = [o for o in itertools.product(range(17), range(13), range(9))
+                   if torch.equal(full["image"][(slice(None), *(slice(a, a + 8) for a in o))], patch["image"])]
+        assert offsets and any(torch.equal(full["label"][(slice(None), *(slice(a, a + 8) for a in o))],
+                                           patch["label"]) for o in offsets)
+        holding += bool((patch["label"] > 0).any())
+    assert holding >= 12  # half of them around a labelled voxel, others holding one by chance
+    patches.set_random_state(5)
+    again = patches[0]
+    patches.set_random_state(5)
+    repeated = patches[0]
+    assert torch.equal(repeated["image"], again["image"]), (repeated["label"] - again["label"]).abs().max()
+    assert torch.equal(repeated["label"], again["label"]), (repeated["label"] - again["label"]).abs().max()
+
+
+def test_a_patch_holds_its_voxel_anywhere_not_in_its_centre():
+    # centred patches would teach the network that anomalies sit in the middle of its input
+    label = torch.zeros(1, 40, 40, 40)
+    label[0, 18:22, 18:22, 18:22] = 0.7
+    foreground = torch.zeros(1, 40, 40, 40, dtype=torch.bool)
+    foreground[0, 5:35, 5:35, 5:35] = True
+    rng = np.random.RandomState(0)
+    places, holding = [], 0
+    for _ in range(400):
+        window = random_patch(label, foreground, [16, 16, 16], rng)
+        assert all(0 <= w.start and w.stop <= 40 and w.stop - w.start == 16 for w in window)
+        assert bool(foreground[0][window].any())
+        if bool((label[0][window] > 0).any()):
+            holding += 1
+            places.append(20 - window[0].start)  # where the anomaly sits along the first axis of the patch
+    assert 170 <= holding <= 300  # about half chosen around the anomaly, a few more holding it by chance
+    counts = np.bincount(np.clip(places, 0, 19), minlength=20)
+    assert counts[:8].sum() > 0.25 * len(places) and counts[12:].sum() > 0.25 * len(places)
+    normal = torch.zeros_like(label)  # no anomaly: around a foreground voxel
+    assert all(bool(foreground[0][random_patch(normal, foreground, [8, 8, 8], rng)].any()) for _ in range(50))
+    with pytest.raises(ValueError, match="larger than the sample"):
+        random_patch(label, foreground, [48, 16, 16], rng)
 
 
 def test_poisson_inter_needs_foreign_scans():

@@ -33,3 +33,28 @@ def test_none_keeps_the_default_and_bad_priors_are_rejected():
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
     with pytest.raises(ValueError, match=r"prior must be in \(0, 1\)"):
         with_output_prior(network, 1.0)
+
+
+def test_patch_models_see_a_whole_scan_in_one_pass_or_in_weighted_sliding_windows():
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    from scripts.networks import make_inferer
+
+    assert isinstance(make_inferer(None), SimpleInferer) and isinstance(make_inferer(None, True), SimpleInferer)
+    assert isinstance(make_inferer([16, 16, 8]), SimpleInferer)  # patch models in one pass unless asked
+    windows = make_inferer([16, 16, 8], sliding_window=True)
+    assert isinstance(windows, SlidingWindowInferer) and list(windows.roi_size) == [16, 16, 8]
+    image = torch.randn(1, 1, 40, 36, 20)
+    calls = []
+
+    def voxelwise(x):  # a network whose output at a voxel depends on that voxel alone
+        calls.append(tuple(x.shape))
+        return 3 * x + 1
+
+    with torch.no_grad():
+        blended = windows(image, voxelwise)
+    assert all(shape == (1, 1, 16, 16, 8) for shape in calls) and len(calls) > 8
+    # the Gaussian weights of the overlapping windows sum to one wherever they are: the whole scan's map exactly
+    assert blended.shape == image.shape and torch.allclose(blended, 3 * image + 1, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(make_inferer(None)(image, voxelwise), 3 * image + 1)

@@ -129,6 +129,24 @@ def test_ensure_plan_writes_once_and_compares_afterwards(tmp_path, caplog):
         load_plan(tmp_path.parent / "other", "abdom")
 
 
+def test_the_patch_size_is_part_of_the_plan_checked_against_grid_and_network(tmp_path):
+    plan = default_plan("brain", network_depth=3, spatial_size=[32, 32, 24], patch_size=[16, 16, 8])
+    assert plan["patch_size"] == [16, 16, 8] and default_plan("brain")["patch_size"] is None
+    with pytest.raises(ValueError, match="none larger"):
+        default_plan("brain", network_depth=3, spatial_size=[32, 32, 24], patch_size=[16, 16, 32])
+    with pytest.raises(ValueError, match=r"multiple of the network's downsampling \[4, 4, 4\]"):
+        default_plan("brain", network_depth=3, spatial_size=[32, 32, 24], patch_size=[16, 16, 10])
+    ensure_plan(tmp_path / "brain", plan)
+    with pytest.raises(PlanConflictError, match="patch_size"):  # patch and whole-grid folds are no ensemble
+        ensure_plan(tmp_path / "brain", {**plan, "patch_size": None})
+    # a plan written before patches existed means whole-grid models, and still matches such a run
+    older = {k: v for k, v in default_plan("brain", network_depth=3).items() if k != "patch_size"}
+    (tmp_path / "old" / "brain").mkdir(parents=True)
+    (tmp_path / "old" / "brain" / "plans.json").write_text(json.dumps(older))
+    assert load_plan(tmp_path / "old", "brain")["patch_size"] is None
+    ensure_plan(tmp_path / "old" / "brain", default_plan("brain", network_depth=3))
+
+
 @pytest.mark.parametrize("settings", [{}, {"network_depth": 3, "network_base_filters": 16},
                                       {"network_depth": 4, "network_base_filters": 6, "network_max_filters": 24}])
 def test_the_network_of_a_state_dict_is_read_back_exactly(settings):

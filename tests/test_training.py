@@ -121,6 +121,48 @@ def test_fine_tuning_starts_each_fold_from_the_given_models(normal_scans, tmp_pa
         assert "Traceback" not in result.stderr
 
 
+def test_training_on_patches_sees_whole_scans_in_one_pass_or_in_sliding_windows(normal_scans, tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from monai.inferers import SimpleInferer
+
+    out = tmp_path / "run"
+    settings = {"dataset_dir": str(normal_scans["brain"]), "output_dir": str(out), "cache_dir": str(tmp_path / "c"),
+                "patch_size": [12, 12, 12]}
+    run(["--config_file", configs("brain"), *(f"--{k}={v!r}".replace(" ", "") for k, v in settings.items()),
+         "--fold", "0", "--max_epochs", "1", *TINY])
+    models = out / "models"
+    plan = json.loads((models / "brain" / "plans.json").read_text())
+    assert plan["patch_size"] == [12, 12, 12] and plan["sliding_window"] is False
+    parser = ConfigParser()
+    parser.read_config(bundle_configs("bundle", "train", "brain"))
+    parser.update({**settings, "spatial_size": [24, 24, 24], "network_depth": 3, "num_workers": 0})
+    assert parser.get_parsed_content("train#dataset")[0]["image"].shape == (1, 12, 12, 12)  # training sees crops
+    assert parser.get_parsed_content("validate#dataset")[0]["image"].shape == (1, 24, 24, 24)  # validation: scans
+    assert isinstance(parser.get_parsed_content("train#inferer"), SimpleInferer)
+    assert isinstance(parser.get_parsed_content("validate#inferer"), SimpleInferer)  # in one pass by default
+    parser["sliding_window"] = True
+    assert list(parser.get_parsed_content("validate#inferer").roi_size) == [12, 12, 12]
+    inference = ConfigParser()  # inference reads the patch size and the way to see a scan from the plan
+    inference.read_config(bundle_configs("bundle", "inference", "brain"))
+    inference.update({"models_dir": str(models)})
+    assert isinstance(inference.get_parsed_content("inferer"), SimpleInferer)
+    scans = sorted(normal_scans["brain"].glob("*.nii.gz"))
+    maps = {}
+    for windows in (False, True):  # a user may ask for windows when one pass does not fit the memory
+        folder = tmp_path / f"maps_{windows}"
+        run(["--config_file", repr(bundle_configs("bundle", "inference", "brain")), "--dataset_dir",
+             str(normal_scans["brain"]), "--output_dir", str(folder), "--models_dir", str(models),
+             "--allow_partial_ensemble", "True", "--sliding_window", str(windows)])
+        maps[windows] = [nib.load(folder / scan.name) for scan in scans]
+    for scan, one_pass, windowed in zip(scans, maps[False], maps[True]):
+        assert one_pass.shape == windowed.shape == nib.load(scan).shape
+        for written in (one_pass, windowed):
+            assert 0 <= written.get_fdata().min() <= written.get_fdata().max() <= 1
+    assert any(not np.allclose(a.get_fdata(), b.get_fdata()) for a, b in zip(maps[False], maps[True]))
+
+
 def test_abdomen_with_foreign_brains_and_fingerprint(normal_scans, tmp_path):
     out = tmp_path / "run"
     run(["--config_file", configs("abdom"), "--dataset_dir", str(normal_scans["abdom"]),

@@ -1,7 +1,7 @@
 """The plan of a trained model: one record per dataset, next to the fold weights (``models/<dataset>/plans.json``),
 that says everything a consumer needs to rebuild the network and the preprocessing: the network definition, the
-working grid, the foreground threshold, the intensity normalisation and its statistics, the cross-validation split,
-the sample-score aggregation, and the versions it was made with.
+working grid and the patch size the network was trained on, the foreground threshold, the intensity normalisation and
+its statistics, the cross-validation split, the sample-score aggregation, and the versions it was made with.
 
 After nnU-Net's ``plans.json`` (Isensee et al. 2021, nnU-Net, Nature Methods; nnunetv2/experiment_planning): the
 plan is written once before the folds train and read by training and prediction alike. Inference, the exports,
@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -47,8 +48,10 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "plans.json"
 PLAN_FORMAT = 1
 # the plan's parts that versions do not change: two plans that agree on these describe the same model setup
-_SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "foreground_fraction", "normalisation", "split",
-               "sample_score")
+_SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "patch_size", "sliding_window",
+               "foreground_fraction", "normalisation", "split", "sample_score")
+# added to the format later, with the value every plan written before them means
+_LATER_KEYS = {"patch_size": None, "sliding_window": False}
 
 
 class PlanConflictError(ValueError):
@@ -89,7 +92,8 @@ def split_record(scans: Sequence[str], num_train_tasks: int = 1, tasks: Sequence
 
 def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], normalisation: str,
               fingerprint: Mapping | None = None, foreground_fraction: float = 0.1, split: Mapping | None = None,
-              sample_score_fraction: float = 0.01) -> dict:
+              sample_score_fraction: float = 0.01, patch_size: Sequence[int] | None = None,
+              sliding_window: bool = False) -> dict:
     """The plan of one dataset's models.
 
     Args:
@@ -102,6 +106,10 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         foreground_fraction: the foreground threshold of :class:`scripts.transforms.IntensityForegroundd`.
         split: :func:`split_record` of the training data (None when unknown).
         sample_score_fraction: the sample score is the mean of this fraction of the highest voxels of the map.
+        patch_size: the crops of the working grid the network trains on; None: the whole grid. Each side at most
+            the grid's and a multiple of the network's total downsampling.
+        sliding_window: models trained on patches see a whole scan in sliding windows of the patch size (True) or
+            in one pass (False), in validation and inference.
     """
     if normalisation not in NORMALISATION_MODES:
         raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
@@ -109,11 +117,15 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
     if set(network) != {"name", "args"}:
         raise ValueError(f"network must be {{'name': ..., 'args': {{...}}}}, got keys {sorted(network)}")
+    if patch_size is not None:
+        patch_size = _checked_patch_size(patch_size, spatial_size, network)
     plan = {
         "plan_format": PLAN_FORMAT,
         "dataset": dataset,
         "network": {"name": str(network["name"]), "args": dict(network["args"])},
         "spatial_size": [int(s) for s in spatial_size],
+        "patch_size": patch_size,
+        "sliding_window": bool(sliding_window) and patch_size is not None,
         "foreground_fraction": float(foreground_fraction),
         "normalisation": {"mode": normalisation,
                           "fingerprint": dict(fingerprint) if normalisation == "fingerprint" else None},
@@ -122,6 +134,19 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         "versions": versions(),
     }
     return json.loads(json.dumps(plan))  # plain JSON types (tuples become lists), as read back from the file
+
+
+def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], network: Mapping) -> list[int]:
+    """``patch_size`` as a list, or a clear error when it is not one crop of the grid that the network takes."""
+    patch = [int(s) for s in patch_size]
+    if len(patch) != len(spatial_size) or any(not 0 < p <= g for p, g in zip(patch, spatial_size)):
+        raise ValueError(f"patch_size {patch} must have one positive side per axis of the working grid "
+                         f"{list(spatial_size)}, none larger")
+    strides = network["args"].get("strides") or []
+    factor = [math.prod(int(s[i]) if isinstance(s, Sequence) else int(s) for s in strides) for i in range(len(patch))]
+    if any(p % f for p, f in zip(patch, factor)):
+        raise ValueError(f"patch_size {patch}: each side must be a multiple of the network's downsampling {factor}")
+    return patch
 
 
 def build_network(plan: Mapping) -> torch.nn.Module:
@@ -136,7 +161,7 @@ def build_network(plan: Mapping) -> torch.nn.Module:
 
 
 def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
-    return [key for key in _SETUP_KEYS if a.get(key) != b.get(key)]
+    return [key for key in _SETUP_KEYS if a.get(key, _LATER_KEYS.get(key)) != b.get(key, _LATER_KEYS.get(key))]
 
 
 def ensure_plan(model_dir: str | os.PathLike, plan: Mapping) -> Path:
@@ -181,7 +206,7 @@ def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
             raise FileNotFoundError(f"no trained models for {dataset!r}: {str(folder)!r} does not exist; train with "
                                     "'make train' or pass --models_dir <run folder>/models")
         raise FileNotFoundError(f"no {PLAN_FILE} in {str(folder)!r}: train with 'make train' or pass --models_dir")
-    plan = load_json(path)
+    plan = {**_LATER_KEYS, **load_json(path)}
     if plan.get("plan_format") != PLAN_FORMAT:
         raise ValueError(f"{str(path)!r} has plan_format {plan.get('plan_format')!r}; this bundle reads {PLAN_FORMAT}")
     if plan.get("dataset") != dataset:
@@ -210,7 +235,8 @@ def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fin
     if mode == "fingerprint" and fingerprint is None:
         raise ValueError(f"the {dataset!r} models normalise with a fingerprint: pass one")
     return make_plan(get("dataset_name"), get("network_spec"), get("spatial_size"), mode, fingerprint,
-                     get("foreground_fraction"), None, get("sample_score_fraction"))
+                     get("foreground_fraction"), None, get("sample_score_fraction"), get("patch_size"),
+                     get("sliding_window"))
 
 
 # ---- models trained before plans existed -------------------------------------------------------------------------
