@@ -66,7 +66,7 @@ AGGREGATIONS = {
 
 # how the map is made from the network: the plain sigmoid, or the inference ensemble's test-time flips (the
 # input is a batch of one on the RAS working grid; spatial axis 0 is left-right); each through the plan's inferer
-# (sliding windows for models trained on patches), as inference runs it
+# (one pass, or sliding windows for patch models whose plan says so), as inference runs it
 MAPS = {
     "plain": lambda network, image, inferer: inferer(image, Ensemble([network])),
     "left-right flip": lambda network, image, inferer: inferer(image, Ensemble([network], flip_axes=(0,))),
