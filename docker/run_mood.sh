@@ -58,8 +58,8 @@ mkdir -p -- "$4" || die "cannot create the output folder '$4'"
 output=$(cd -- "$4" && pwd)
 [[ "$mode" == sample || "$input" != "$output" ]] || die "the output folder is the input folder: the pixel maps \
 would replace the scans (they carry the scans' names); choose another output folder"
-[[ -w "$output" ]] || die "output folder '$output' is not writable by uid $(id -u) (in Docker: build the image \
-with --build-arg USER_UID=<owner's uid> or RUN_AS=root, or make the folder writable)"
+[[ -w "$output" ]] || die "output folder '$output' is not writable by uid $(id -u) (in Docker: the default image \
+runs as root; one built with RUN_AS=mood needs --build-arg USER_UID=<owner's uid>; or make the folder writable)"
 
 # --- the bundle and the Python ---
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

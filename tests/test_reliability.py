@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from conftest import write_models
+from scripts import files
 from scripts.files import bundle_configs, write_atomically
 from scripts.inference import describe_error
 from scripts.transforms import NormaliseIntensity
@@ -123,6 +125,13 @@ def test_write_atomically_leaves_the_old_file_or_the_whole_new_one(tmp_path):
     write_atomically(target, lambda tmp: tmp.write_bytes(b"new"))
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
 
+
+def test_write_atomically_gives_the_file_the_mode_of_any_new_file(tmp_path):
+    # mkstemp's files are private (0600): a map the container's root wrote would be unreadable to its owner
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = write_atomically(tmp_path / "case.nii.gz.txt", lambda tmp: tmp.write_text("0.5"))
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~files._UMASK
 
 def test_describe_error_names_the_real_cause_and_the_stage():
     try:

@@ -16,6 +16,9 @@ __all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # file suffix of one fold model per ``model_format`` (the exports are made by ``scripts.export`` / ``make export``)
 MODEL_SUFFIXES = {"pytorch": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+# the process's umask, read once at import (os.umask can only be read by setting it, which is not thread-safe)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def bundle_configs(bundle_root: str | os.PathLike, workflow: str, dataset: str, *extra: str) -> list[str]:
@@ -48,6 +51,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], rep
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    # mkstemp makes the file private (0600); the result gets the mode of any file the process creates, so a map
+    # written by the container's root stays readable to the folder's owner
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     try:
         write(Path(tmp))
