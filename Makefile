@@ -35,7 +35,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the tests on every core (pytest-xdist; PYTEST_JOBS=0 runs them in this process); a module's tests share a
-# worker, so its module-scoped fixtures (a trained study, a quality run) are made once
+# worker, so its module-scoped fixtures (a trained study, a quality run) are made once; session-scoped ones are
+# made once per worker
 PYTEST_JOBS ?= auto
 test: setup
 	$(VENV)/bin/ruff check bundle tests bench deploy tools
@@ -216,8 +217,9 @@ docker-setup:
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DOCKER_TOOLS) >/dev/null; \
 	fi
 
+# DOCKER_TEST_ARGS=--no_build: test the image docker-image built (what CI does)
 docker-test: setup docker-setup
-	$(PY) -m tools.docker_test
+	$(PY) -m tools.docker_test $(DOCKER_TEST_ARGS)
 
 # the same image (localhost/mood-anomaly:test), built only
 docker-image: setup docker-setup

@@ -4,6 +4,8 @@ reported, identical outputs are not. The image itself is built and run by ``make
 from __future__ import annotations
 
 import shutil
+import stat
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -97,3 +99,64 @@ def test_without_podman_it_says_so_in_one_line_and_fails(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["docker-test: error: docker-test needs podman: apt-get install podman runc debootstrap "
                    "(make docker-setup)"]
+
+
+def _fake_predictions(cases, outputs, mode, value=0.25):
+    """What a run script writes: a map of ``value`` on each scan's grid, or the score ``value``."""
+    outputs.mkdir(parents=True, exist_ok=True)
+    for scan in sorted(cases.glob("*.nii.gz")):
+        if mode == "pixel":
+            source = nib.load(scan)
+            _save(outputs / scan.name, np.full(source.shape, value), source.affine)
+        else:
+            (outputs / f"{scan.name}.txt").write_text(f"{value:.6f}")
+
+
+@pytest.mark.skipif(docker_test.os.geteuid() != 0, reason="the grader's output folders are made by root")
+@pytest.mark.parametrize("broken", [False, True])
+def test_every_script_runs_natively_then_into_the_graders_folders(tmp_path, monkeypatch, broken):
+    """The runs without podman: run_script and the container are replaced by writers of known outputs, so what is
+    checked is which runs happen, into which folders, and that a wrong container output fails the test."""
+    calls = []
+
+    def native(mode, dataset, cases, predictions, quiet):
+        _fake_predictions(cases, predictions, mode)
+        return 2.0 * len(list(cases.glob("*.nii.gz")))  # 2 s per case
+
+    def container(cmd, log):
+        mounts = dict(reversed(m.split(":")) for m in cmd if m.endswith((":/mnt/data", ":/mnt/pred")))
+        out = Path(mounts["/mnt/pred"])
+        calls.append((cmd[-3], out.stat().st_uid, stat.S_IMODE(out.stat().st_mode), cmd[-4] == "sh"))
+        mode = "pixel" if "run_pixel" in cmd[-3] else "sample"
+        wrong = broken and cmd[-3].endswith("run_sample_abdom.sh")
+        _fake_predictions(Path(mounts["/mnt/data"]), out, mode, value=0.5 if wrong else 0.25)
+        log.write_text("")
+        return 0, 3.0 * 2
+
+    monkeypatch.setattr(docker_test, "run_script", native)
+    monkeypatch.setattr(docker_test, "_run", container)
+    monkeypatch.setattr(docker_test, "_inspect", lambda image, field: "123" if field == "{{.Size}}" else "id")
+    result = docker_test.run_docker_test(tmp_path / "out", size=16, cases=2, build_first=False)
+    scripts = [f"/workspace/run_{m}_{d}.sh" for d in ("brain", "abdom") for m in ("pixel", "sample")]
+    # all four into root's 755 folders through `sh`, then one into another uid's folder as the bare script
+    assert calls == [(s, 0, 0o755, True) for s in scripts] + [(scripts[0], docker_test.OTHER_UID, 0o755, False)]
+    assert result["seconds_per_case"]["native"]["pixel_brain"] == 2.0
+    assert result["seconds_per_case"]["container"]["pixel_brain"] == 3.0
+    if broken:
+        assert [p.split(": ")[1] for p in result["problems"]] == ["differs from " + str(
+            tmp_path / "out/native/sample_abdom" / name) for name in ("toy_0.nii.gz.txt", "toy_1.nii.gz.txt")]
+    else:
+        assert result["problems"] == [] and all(result["byte_identical"].values())
+
+
+def test_build_only_records_the_build_that_a_later_run_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(docker_test, "_podman_problem", lambda: None)
+    monkeypatch.setattr(docker_test, "build_image",
+                        lambda image, log: {"image_id": "abc", "build_seconds": 129.0, "torch": "2.13.0+cpu"})
+    monkeypatch.setattr(docker_test, "_inspect", lambda image, field: "1880000000" if field == "{{.Size}}" else "abc")
+    assert docker_test.main(["--build_only", "--output_dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("1.88 GB, torch 2.13.0+cpu, built in 129 s")
+    assert docker_test._build_record(tmp_path, "img")["build_seconds"] == 129.0
+    # the image was rebuilt since: its record is not this image's
+    monkeypatch.setattr(docker_test, "_inspect", lambda image, field: "def")
+    assert docker_test._build_record(tmp_path, "img") == {}

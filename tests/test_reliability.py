@@ -126,12 +126,18 @@ def test_write_atomically_leaves_the_old_file_or_the_whole_new_one(tmp_path):
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
 
 
-def test_write_atomically_gives_the_file_the_mode_of_any_new_file(tmp_path):
+def test_write_atomically_gives_the_file_the_mode_of_any_new_file(tmp_path, monkeypatch):
     # mkstemp's files are private (0600): a map the container's root wrote would be unreadable to its owner
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    written = write_atomically(tmp_path / "case.nii.gz.txt", lambda tmp: tmp.write_text("0.5"))
-    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~files._UMASK
+    monkeypatch.setattr(files, "_UMASK", 0o022)
+    previous = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        written = write_atomically(tmp_path / "case.nii.gz.txt", lambda tmp: tmp.write_text("0.5"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+
 
 def test_describe_error_names_the_real_cause_and_the_stage():
     try:

@@ -17,8 +17,12 @@ SCRIPTS = ["run_pixel_brain.sh", "run_sample_brain.sh", "run_pixel_abdom.sh", "r
 
 
 def git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
-                          text=True).stdout
+    """Changed and untracked files anywhere, and ignored ones (caches, __pycache__) where a run script could leave
+    them: the scripts' and the bundle's folders (other tests running alongside may add ignored outputs elsewhere)."""
+    def status(*args: str) -> str:
+        return subprocess.run(["git", "status", "--porcelain", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    return status() + status("--ignored", "--", "docker", "bundle")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

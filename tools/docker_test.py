@@ -2,6 +2,7 @@
 
     make docker-test    (PYTHONPATH=bundle:. python -m tools.docker_test [--output_dir outputs/docker-test])
     make docker-image   (with --build_only: step 1 alone, the image built and nothing run)
+    ... --no_build      (the image as it is; the build time from the record docker-image left for that image)
 
 MOOD's ``scripts/test_docker.py`` (github.com/MIC-DKFZ/mood) runs ``docker run [--gpus all] -v <toy>:/mnt/data
 -v <out>:/mnt/pred --read-only IMAGE sh /workspace/run_<task>_<dataset>.sh /mnt/data /mnt/pred`` for both tasks and
@@ -10,14 +11,16 @@ no network:
 
 1. makes the base image locally (``docker/make_base_image.sh``: debootstrap; no registry is reachable here) and
    builds ``docker/Dockerfile`` with the CPU build of torch (the wheel on this machine's disk, else PyPI's CPU
-   index);
+   index), and checks that the torch inside is the CPU build;
 2. writes a small MOOD-layout toy set (``tools.toy_data``) and runs the four scripts natively from this checkout
    (the reference), then in the container: the output folder made as the grader makes it (``os.makedirs`` by
    root: owned by root, mode 755) for all four, and owned by another uid for one, called as the submission page
    writes it (the script itself, not ``sh`` script);
 3. checks that every script exits 0 and every case has its output and nothing else is left; that the pixel maps
    have the input's shape and affine and values in [0, 1]; and that the outputs equal the native ones (the map's
-   voxels and affine, the score's text), then scores them with the challenge's metric (``scripts.evaluate``);
+   voxels and affine, the score's text; whether the files are byte-identical too is recorded, not required, as
+   another zlib may compress the same map differently), then scores them with the challenge's metric
+   (``scripts.evaluate``);
 4. prints the image size, the build time and the seconds per case in the container against native (each script's
    wall time over its cases, start-up included), and writes them to ``<output_dir>/docker_test.json``.
 
@@ -27,6 +30,7 @@ Every failed check is one line; the exit code is 1 if any check failed, 2 when p
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -48,7 +52,8 @@ DATASETS = ("brain", "abdom")
 MODES = ("pixel", "sample")
 IMAGE = "localhost/mood-anomaly:test"
 BASE_IMAGE = "localhost/mood-base:bookworm"
-TORCH = "torch-2.13.0+cpu"  # the Dockerfile's pin; the CPU wheel pip takes on these machines
+# the Dockerfile's pin, as the CPU wheel for the base image's Python (Debian bookworm: 3.11)
+TORCH_WHEEL = "torch-2.13.0+cpu-cp311-*.whl"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's; pip in the build trusts what the host trusts
 OTHER_UID = 4321  # the owner of the second output folder: neither root nor the image's user
@@ -63,58 +68,63 @@ def prediction_name(scan: str, mode: str) -> str:
     return scan if mode == "pixel" else f"{scan}.txt"
 
 
-def _read_score(path: Path) -> float:
-    return float(path.read_text().strip())
+def _score_problems(path: Path, other: Path | None) -> list[str]:
+    text = path.read_text()
+    try:
+        score = float(text.strip())
+    except ValueError:
+        return [f"{path}: not a number: {text[:40]!r}"]
+    problems = [] if 0.0 <= score <= 1.0 else [f"{path}: score {score} outside [0, 1]"]
+    if other is not None and (not other.is_file() or other.read_text() != text):
+        problems.append(f"{path}: differs from {other}")
+    return problems
+
+
+def _map_problems(path: Path, scan: Path, other: Path | None) -> list[str]:
+    image, source = nib.load(path), nib.load(scan)
+    data = np.asarray(image.dataobj)
+    problems = []
+    if image.shape != source.shape:
+        problems.append(f"{path}: shape {image.shape}, the scan's is {source.shape}")
+    elif not np.allclose(image.affine, source.affine, rtol=0, atol=1e-5):
+        problems.append(f"{path}: affine differs from the scan's")
+    if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
+        problems.append(f"{path}: values outside [0, 1] (min {np.nanmin(data)}, max {np.nanmax(data)})")
+    if other is None:
+        return problems
+    if not other.is_file():
+        return [*problems, f"{path}: {other} missing"]
+    reference = nib.load(other)
+    expected = np.asarray(reference.dataobj)
+    if expected.shape != data.shape:
+        problems.append(f"{path}: differs from {other} (shape {expected.shape})")
+    elif not np.array_equal(expected, data):
+        difference = np.abs(expected.astype(np.float64) - data).max()
+        problems.append(f"{path}: differs from {other} (voxels, max |difference| {difference:.3g})")
+    elif not np.array_equal(reference.affine, image.affine):
+        problems.append(f"{path}: differs from {other} (affine)")
+    return problems
 
 
 def check_outputs(cases: Path, outputs: Path, mode: str, reference: Path | None = None) -> list[str]:
     """The problems of one run's ``outputs`` for the scans in ``cases`` (an empty list when there are none): a case
-    without its output, a file that is no prediction, a map whose shape or affine differs from its scan's or with
-    values outside [0, 1], a score outside [0, 1], and any output that differs from ``reference``'s (voxels and
-    affine of a map, the text of a score)."""
-    problems = []
+    without its output, a file that is no prediction or cannot be read, a map whose shape or affine differs from
+    its scan's or with values outside [0, 1], a score outside [0, 1], and any output that differs from
+    ``reference``'s (voxels and affine of a map, the text of a score)."""
     scans = sorted(p.name for p in cases.iterdir() if is_scan(p))
     expected = {prediction_name(scan, mode) for scan in scans}
-    problems += [f"{outputs / name}: not a prediction of any scan"
-                 for name in sorted({p.name for p in outputs.iterdir()} - expected)]
+    problems = [f"{outputs / name}: not a prediction of any scan"
+                for name in sorted({p.name for p in outputs.iterdir()} - expected)]
     for scan in scans:
         path = outputs / prediction_name(scan, mode)
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
         other = reference / path.name if reference is not None else None
-        if mode == "sample":
-            try:
-                score = _read_score(path)
-            except ValueError:
-                problems.append(f"{path}: not a number: {path.read_text()[:40]!r}")
-                continue
-            if not 0.0 <= score <= 1.0:
-                problems.append(f"{path}: score {score} outside [0, 1]")
-            if other is not None and (not other.is_file() or other.read_text() != path.read_text()):
-                problems.append(f"{path}: differs from {other}")
-            continue
-        image, source = nib.load(path), nib.load(cases / scan)
-        data = np.asarray(image.dataobj)
-        if image.shape != source.shape:
-            problems.append(f"{path}: shape {image.shape}, the scan's is {source.shape}")
-        elif not np.allclose(image.affine, source.affine, rtol=0, atol=1e-5):
-            problems.append(f"{path}: affine differs from the scan's")
-        if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
-            problems.append(f"{path}: values outside [0, 1] (min {np.nanmin(data)}, max {np.nanmax(data)})")
-        if other is not None:
-            if not other.is_file():
-                problems.append(f"{path}: {other} missing")
-                continue
-            reference_image = nib.load(other)
-            expected_data = np.asarray(reference_image.dataobj)
-            if expected_data.shape != data.shape:
-                problems.append(f"{path}: differs from {other} (shape {expected_data.shape})")
-            elif not np.array_equal(expected_data, data):
-                difference = np.abs(expected_data.astype(np.float64) - data).max()
-                problems.append(f"{path}: differs from {other} (voxels, max |difference| {difference:.3g})")
-            elif not np.array_equal(reference_image.affine, image.affine):
-                problems.append(f"{path}: differs from {other} (affine)")
+        try:
+            problems += _score_problems(path, other) if mode == "sample" else _map_problems(path, cases / scan, other)
+        except Exception as err:  # a truncated map, a binary score file: a problem of this case, not a crash
+            problems.append(f"{path}: unreadable: {type(err).__name__}: {err}")
     return problems
 
 
@@ -144,13 +154,14 @@ def _tail(log: Path, lines: int = 15) -> str:
 def _torch_wheels() -> Path | None:
     """A folder holding the CPU wheel of the pinned torch (pip's find-links on these machines), or None."""
     for folder in [*os.environ.get("PIP_FIND_LINKS", "").split(), "/opt/wheels"]:
-        if folder and list(Path(folder).glob(f"{TORCH}-*.whl")):
+        if folder and list(Path(folder).glob(TORCH_WHEEL)):
             return Path(folder)
     return None
 
 
-def build_image(image: str, log: Path) -> float:
-    """Make the base image if needed, then build docker/Dockerfile with the CPU torch; return the build's seconds."""
+def build_image(image: str, log: Path) -> dict:
+    """Make the base image if needed, then build docker/Dockerfile with the CPU torch; return the build's record
+    (image id, seconds, the torch inside), which ``<output_dir>/build.json`` keeps for a later ``--no_build``."""
     rc, _ = _run(["bash", str(REPO / "docker" / "make_base_image.sh"), BASE_IMAGE], log.with_suffix(".base.log"))
     if rc != 0:
         raise SystemExit(f"docker-test: the base image failed:\n{_tail(log.with_suffix('.base.log'))}")
@@ -167,13 +178,28 @@ def build_image(image: str, log: Path) -> float:
         rc = subprocess.run([*cmd, "."], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"docker-test: podman build failed ({rc}):\n{_tail(log)}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    torch = subprocess.run(["podman", "run", "--rm", "--network", "none", image, "python", "-c",
+                            "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
+    if not torch.endswith("+cpu"):  # e.g. a wheel pip could not use, so PyPI's CUDA build came in instead
+        raise SystemExit(f"docker-test: the image has torch {torch or '(none)'}, not the CPU build")
+    return {"image_id": _inspect(image, "{{.Id}}"), "build_seconds": seconds, "torch": torch}
 
 
-def _image_size(image: str) -> int:
-    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
+def _inspect(image: str, field: str) -> str:
+    result = subprocess.run(["podman", "image", "inspect", "--format", field, image], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"docker-test: no image {image}: build it first (make docker-image)")
+    return result.stdout.strip()
+
+
+def _build_record(output_dir: Path, image: str) -> dict:
+    """The record of the build that made ``image`` as it is now, if ``build.json`` holds it."""
+    try:
+        record = json.loads((output_dir / "build.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if record.get("image_id") == _inspect(image, "{{.Id}}") else {}
 
 
 def _grader_folder(path: Path, owner: int) -> Path:
@@ -195,20 +221,32 @@ def _podman_problem() -> str | None:
     return None
 
 
-def run_docker_test(output_dir: Path, image: str = IMAGE, size: int = 64, cases: int = 2, build: bool = True) -> dict:
+def build(output_dir: Path, image: str = IMAGE) -> dict:
+    """Build ``image`` (step 1 of the module's docstring) and keep the record in ``<output_dir>/build.json``."""
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    record = build_image(image, output_dir / "logs" / "build.log")
+    (output_dir / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def run_docker_test(output_dir: Path, image: str = IMAGE, size: int = 64, cases: int = 2,
+                    build_first: bool = True) -> dict:
+    """Steps 1-3 of the module's docstring (1 only with ``build_first``, else the record of the image's build, if
+    any); returns the result that ``main`` prints and writes: the problems, the image's size and build, the
+    seconds per case and the average precisions."""
     output_dir.mkdir(parents=True, exist_ok=True)
     logs = output_dir / "logs"
     logs.mkdir(exist_ok=True)
     result = {"image": image, "problems": []}
     problems = result["problems"]
-    if build:
-        result["build_seconds"] = build_image(image, logs / "build.log")
-    result["image_bytes"] = _image_size(image)
+    result.update(build(output_dir, image) if build_first else _build_record(output_dir, image))
+    result["image_bytes"] = int(_inspect(image, "{{.Size}}"))
 
     runs = []  # (mode, dataset, owner of the output folder)
     runs += [(mode, dataset, 0) for dataset in DATASETS for mode in MODES]
     runs += [(mode, dataset, OTHER_UID) for mode, dataset in OTHER_OWNER_RUNS]
     seconds = {"native": {}, "container": {}}
+    shutil.rmtree(output_dir / "data", ignore_errors=True)  # only this run's cases (the times are per case)
     for dataset in DATASETS:
         write_toy_dataset(output_dir / "data", dataset, n_train=0, n_toy=cases, size=size, seed=0)
     for mode, dataset, owner in runs:
@@ -232,8 +270,12 @@ def run_docker_test(output_dir: Path, image: str = IMAGE, size: int = 64, cases:
         if rc != 0:
             problems.append(f"run_{name}.sh (output folder of uid {owner}) exited {rc}:\n{_tail(log)}")
             continue
-        reference = native if seconds["native"][name] else None
+        reference = native if seconds["native"][name] is not None else None
         problems += check_outputs(data_dir / "toy", out, mode, reference)
+        if reference is not None:  # beyond the check: the files themselves, gzip stream included
+            result.setdefault("byte_identical", {})[f"{name}_uid{owner}"] = all(
+                (reference / path.name).is_file() and filecmp.cmp(path, reference / path.name, shallow=False)
+                for path in out.iterdir())
         if owner == 0:
             folders = {"container": out, **({"native": reference} if reference else {})}
             result.setdefault("average_precision", {})[name] = {
@@ -248,14 +290,17 @@ def _seconds(value: float | None) -> str:
 
 def _summary(result: dict) -> str:
     lines = [f"image {result['image']}: {result['image_bytes'] / 1e9:.2f} GB"
-             + (f", built in {result['build_seconds']:.0f} s" if "build_seconds" in result else "")]
+             + (f", torch {result['torch']}, built in {result['build_seconds']:.0f} s" if "torch" in result else "")]
     seconds = result["seconds_per_case"]
     for name, native in seconds["native"].items():
         container = seconds["container"].get(name)
         ap = result.get("average_precision", {}).get(name, {}).get("container")
         lines.append(f"  run_{name}.sh: {_seconds(container)} per case in the container, {_seconds(native)} native"
-                     + (f" ({container / native:.2f}x)" if container and native else "")
+                     + (f" ({container / native:.2f}x)" if container is not None and native is not None else "")
                      + (f"; AP {ap:.3f}" if ap is not None else ""))
+    identical = result.get("byte_identical", {})
+    if identical:
+        lines.append(f"  byte for byte equal to the native files: {sum(identical.values())} of {len(identical)} runs")
     return "\n".join(lines)
 
 
@@ -265,9 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--image", default=IMAGE)
     parser.add_argument("--size", type=int, default=64, help="side of the toy volumes")
     parser.add_argument("--cases", type=int, default=2, help="toy cases per dataset (half normal)")
-    build = parser.add_mutually_exclusive_group()
-    build.add_argument("--no_build", action="store_true", help="test the image as it is (built before)")
-    build.add_argument("--build_only", action="store_true", help="build the image, run nothing (make docker-image)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--no_build", action="store_true", help="test the image as it is (built before)")
+    when.add_argument("--build_only", action="store_true", help="build the image, run nothing (make docker-image)")
     args = parser.parse_args(argv)
     problem = _podman_problem()
     if problem:
@@ -276,11 +321,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("CONTAINERS_CONF", str(REPO / "docker" / "containers.conf"))
     output_dir = Path(args.output_dir).resolve()
     if args.build_only:
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        seconds = build_image(args.image, output_dir / "logs" / "build.log")
-        print(f"image {args.image}: {_image_size(args.image) / 1e9:.2f} GB, built in {seconds:.0f} s")
+        record = build(output_dir, args.image)
+        print(f"image {args.image}: {int(_inspect(args.image, '{{.Size}}')) / 1e9:.2f} GB, torch {record['torch']}, "
+              f"built in {record['build_seconds']:.0f} s")
         return 0
-    result = run_docker_test(output_dir, args.image, args.size, args.cases, build=not args.no_build)
+    result = run_docker_test(output_dir, args.image, args.size, args.cases, build_first=not args.no_build)
     (output_dir / "docker_test.json").write_text(json.dumps(result, indent=1) + "\n")
     print(_summary(result))
     for problem in result["problems"]:
