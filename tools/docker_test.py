@@ -165,7 +165,7 @@ def build_image(image: str, log: Path) -> dict:
     rc, _ = _run(["bash", str(REPO / "docker" / "make_base_image.sh"), BASE_IMAGE], log.with_suffix(".base.log"))
     if rc != 0:
         raise SystemExit(f"docker-test: the base image failed:\n{_tail(log.with_suffix('.base.log'))}")
-    cmd = ["podman", "build", "-f", "docker/Dockerfile", "-t", image, "--network", "host",
+    cmd = ["podman", "build", "-f", str(REPO / "docker" / "Dockerfile"), "-t", image, "--network", "host",
            "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}"]
     wheels = _torch_wheels()
     cmd += (["-v", f"{wheels}:/wheels:ro", "--build-arg", "TORCH_WHEELS=/wheels"] if wheels else
@@ -173,12 +173,9 @@ def build_image(image: str, log: Path) -> dict:
     if CA_BUNDLE.is_file():
         cmd += ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
     print(f"docker-test: building {image} (torch from {wheels or TORCH_CPU_INDEX}); log {log}", flush=True)
-    start = time.perf_counter()
-    with log.open("w") as handle:
-        rc = subprocess.run([*cmd, "."], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    rc, seconds = _run([*cmd, str(REPO)], log)  # the repository is the build context (.dockerignore)
     if rc != 0:
         raise SystemExit(f"docker-test: podman build failed ({rc}):\n{_tail(log)}")
-    seconds = time.perf_counter() - start
     torch = subprocess.run(["podman", "run", "--rm", "--network", "none", image, "python", "-c",
                             "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
     if not torch.endswith("+cpu"):  # e.g. a wheel pip could not use, so PyPI's CUDA build came in instead
