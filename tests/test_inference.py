@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,12 @@ def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None
     return write_planned_models(models_dir, dataset, folds, fingerprint, **TINY, **settings)
 
 
-def infer(dataset: str, input_dir, output_dir, mode: str, models_dir, check: bool = True):
+def infer(dataset: str, input_dir, output_dir, mode: str, models_dir, check: bool = True, *extra: str):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
     command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
                "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
-               "--models_dir", str(models_dir)]
+               "--models_dir", str(models_dir), *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -48,10 +49,43 @@ def test_pixel_maps_are_on_the_input_grid_and_in_unit_range(normal_scans, tmp_pa
     for path in inputs:
         source, written = nib.load(path), nib.load(out / path.name)
         assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        # the default: round(65535 p) as uint16 with scale slope 1/65535
+        assert written.get_data_dtype() == np.uint16
+        assert written.dataobj.slope == pytest.approx(1 / 65535) and written.dataobj.inter == 0
         values = np.asanyarray(written.dataobj)
-        assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1 and values.std() > 0
+        assert values.min() >= 0 and values.max() <= 1 + 1e-6 and values.std() > 0
     assert f"[{len(inputs)}/{len(inputs)}]" in result.stdout
     assert f"summary: {len(inputs)} done, 0 failed" in result.stdout
+    # where the time went, per case, in the order the stages run
+    stages = (r"^\[\d+/\d+\] .*: [\d.]+ s \(load [\d.]+, preprocess [\d.]+, network [\d.]+, inverse [\d.]+, "
+              r"write [\d.]+ s\)$")
+    assert len(re.findall(stages, result.stdout, re.M)) == len(inputs), result.stdout
+
+
+def test_both_mode_writes_the_pixel_and_sample_outputs_of_one_pass(normal_scans, tmp_path):
+    """``--mode both``: the maps of ``--mode pixel`` and the scores of ``--mode sample`` from one pass per case;
+    the maps as uint16 (the default) differ from the float32 ones by at most half a step of 1/65535."""
+    models = write_models(tmp_path / "models", "brain", [0, 1])
+    inputs = sorted(normal_scans["brain"].glob("*.nii.gz"))
+    infer("brain", normal_scans["brain"], tmp_path / "pixel", "pixel", models, True, "--pixel_map_dtype", "float32")
+    infer("brain", normal_scans["brain"], tmp_path / "sample", "sample", models)
+    result = infer("brain", normal_scans["brain"], tmp_path / "both", "both", models, True,
+                   "--sample_output_dir", str(tmp_path / "both_scores"))
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [p.name for p in inputs]
+    assert sorted(p.name for p in (tmp_path / "both_scores").iterdir()) == [f"{p.name}.txt" for p in inputs]
+    assert result.stdout.count(" network ") == len(inputs)  # one pass of the ensemble per case
+    for path in inputs:
+        score = (tmp_path / "both_scores" / f"{path.name}.txt").read_text()
+        assert score == (tmp_path / "sample" / f"{path.name}.txt").read_text()
+        assert f"{path.name}: " in result.stdout and f"score {float(score):.4f}" in result.stdout
+        float32 = nib.load(tmp_path / "pixel" / path.name)
+        assert float32.get_data_dtype() == np.float32
+        uint16 = np.asanyarray(nib.load(tmp_path / "both" / path.name).dataobj)
+        assert np.abs(uint16 - np.asanyarray(float32.dataobj)).max() <= 0.5 / 65535 + 1e-7
+    # the maps never replace the scans, whichever folder the scores go to
+    same = infer("brain", normal_scans["brain"], tmp_path / "elsewhere", "both", models, False,
+                 "--pixel_output_dir", str(normal_scans["brain"]))
+    assert same.returncode != 0 and "is the input folder" in same.stdout + same.stderr
 
 
 def test_ensemble_of_two_folds_is_the_mean_of_its_members(normal_scans, tmp_path):
@@ -62,7 +96,7 @@ def test_ensemble_of_two_folds_is_the_mean_of_its_members(normal_scans, tmp_path
     maps = {}
     for name, folds in (("a", [0]), ("b", [1]), ("both", [0, 1])):
         models = write_models(tmp_path / f"models_{name}", "brain", folds)
-        infer("brain", inputs, tmp_path / name, "pixel", models)
+        infer("brain", inputs, tmp_path / name, "pixel", models, True, "--pixel_map_dtype", "float32")
         maps[name] = [np.asanyarray(nib.load(p).dataobj) for p in sorted((tmp_path / name).iterdir())]
     for a, b, both in zip(maps["a"], maps["b"], maps["both"]):
         assert not np.allclose(a, b)

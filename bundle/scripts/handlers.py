@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
 from scripts.files import write_atomically
 from scripts.inference import ERROR, NAME
@@ -187,8 +188,14 @@ class MetricsJSONWriter:
         logger.info("validation at epoch %d: %s", record["epoch"], {k: record[k] for k in self.names.values()})
 
 
+# the stages of a case in the order they run, as the progress lines name them
+STAGES = ("load", "preprocess", "network", "inverse", "write")
+
+
 class ProgressReporter:
-    """Prints one line per case (name, seconds, what was written or why it failed) and a summary line."""
+    """Prints one line per case (name, seconds, the score, and where the time went: the seconds of each stage,
+    from the case's ``timings`` and the network's pass; or why it failed) and a summary line. Loading runs in the
+    background during the previous case, so the stages can add up to more than the case's own seconds."""
 
     def __init__(self, total: int | None = None) -> None:
         self.total = total
@@ -196,8 +203,28 @@ class ProgressReporter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._case_start)  # includes waiting for the loader
+        engine.add_event_handler(Events.ITERATION_STARTED, self._network_start)
+        if engine.has_registered_events(IterationEvents.FORWARD_COMPLETED):  # MONAI engines fire it
+            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._network_done)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._case_done)
         engine.add_event_handler(Events.COMPLETED, self._summary)
+
+    def _network_start(self, engine: Engine) -> None:
+        self.network_t0, self.network_seconds = time.perf_counter(), None
+
+    def _network_done(self, engine: Engine) -> None:
+        device = getattr(engine.state, "device", None)
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # the pass is asynchronous: count it here, not in the first copy
+        self.network_seconds = time.perf_counter() - self.network_t0
+
+    def _stages(self, item: Mapping) -> str:
+        timings = {k: float(v) for k, v in (item.get("timings") or {}).items()}
+        if self.network_seconds is not None:
+            timings["network"] = self.network_seconds
+        named = [f"{stage} {timings.pop(stage):.1f}" for stage in STAGES if stage in timings]
+        named += [f"{stage} {seconds:.1f}" for stage, seconds in sorted(timings.items())]
+        return f" ({', '.join(named)} s)" if named else ""
 
     def _start(self, engine: Engine) -> None:
         self.done, self.failed, self.seconds, self.t0 = 0, [], [], time.perf_counter()
@@ -220,7 +247,7 @@ class ProgressReporter:
                 self.done += 1
                 self.seconds.append(elapsed)
                 extra = f" score {item['score']:.4f}" if "score" in item else ""
-                print(f"[{index}/{self.total}] {item[NAME]}: {elapsed:.1f} s{extra}", flush=True)
+                print(f"[{index}/{self.total}] {item[NAME]}: {elapsed:.1f} s{extra}{self._stages(item)}", flush=True)
 
     def _summary(self, engine: Engine) -> None:
         per_case = sum(self.seconds) / len(self.seconds) if self.seconds else float("nan")

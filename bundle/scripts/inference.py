@@ -17,8 +17,8 @@ from monai.engines.utils import IterationEvents
 
 from scripts.files import is_scan
 
-__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "RobustDataset", "check_arguments", "describe_error",
-           "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path", "show_usage"]
+__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "MODES", "RobustDataset", "check_arguments",
+           "describe_error", "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path", "show_usage"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,28 +26,33 @@ logger = logging.getLogger(__name__)
 NAME, PATH, ERROR = "name", "image_path", "error"
 
 
-MODES = ("pixel", "sample")
+# what a run writes: pixel maps, sample scores, or both from one pass of the ensemble
+MODES = ("pixel", "sample", "both")
 # the largest volume a header may claim: 2^28 voxels (645^3, 1 GiB as float32), twice MOOD's 512^3 abdomen; a
 # larger claim fails that case at once instead of allocating it
 DEFAULT_MAX_VOXELS = 2**28
 
 
-def check_arguments(dataset_dir, output_dir, mode: str) -> None:
-    """The checks before any work: one clear error for a missing argument, an unknown mode, or an output folder
-    that is the input folder in pixel mode (the maps carry the scans' names and would replace them)."""
+def check_arguments(dataset_dir, output_dir, mode: str, pixel_output_dir=None, sample_output_dir=None) -> None:
+    """The checks before any work: one clear error for a missing argument, an unknown mode, an output folder that
+    is a file, or a pixel output folder that is the input folder (the maps carry the scans' names and would
+    replace them). ``pixel_output_dir`` and ``sample_output_dir`` default to ``output_dir``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not dataset_dir:
         raise ValueError("--dataset_dir (or --input_dir) is required: the folder of scans to score")
-    if not output_dir:
+    folders = {"pixel": pixel_output_dir or output_dir, "sample": sample_output_dir or output_dir}
+    written = ("pixel", "sample") if mode == "both" else (mode,)
+    if not all(folders[kind] for kind in written):
         raise ValueError("--output_dir is required")
     if not Path(dataset_dir).is_dir():
         raise FileNotFoundError(f"input folder {str(dataset_dir)!r} does not exist or is not a folder")
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ValueError(f"output folder {str(output_dir)!r} exists and is not a folder")
-    if mode == "pixel" and Path(dataset_dir).resolve() == Path(output_dir).resolve():
-        raise ValueError(f"output folder {str(output_dir)!r} is the input folder: the pixel maps would replace the "
-                         "scans (they carry the scans' names); choose another output folder")
+    for kind in written:
+        if Path(folders[kind]).exists() and not Path(folders[kind]).is_dir():
+            raise ValueError(f"output folder {str(folders[kind])!r} exists and is not a folder")
+    if "pixel" in written and Path(dataset_dir).resolve() == Path(folders["pixel"]).resolve():
+        raise ValueError(f"output folder {str(folders['pixel'])!r} is the input folder: the pixel maps would replace "
+                         "the scans (they carry the scans' names); choose another output folder")
 
 
 def describe_error(err: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Post-processing of the anomaly maps into the MOOD outputs (MOOD challenge submission format,
-github.com/MIC-DKFZ/mood): the pixel map as a float32 NIfTI on the input's grid, and the sample score, one float
-in [0, 1] per scan, aggregated from the map. MONAI-style dictionary transforms, run by the inference workflow's
-evaluator on every decollated case."""
+github.com/MIC-DKFZ/mood): the pixel map as a NIfTI on the input's grid, and the sample score, one float in [0, 1]
+per scan, aggregated from the map. MONAI-style dictionary transforms, run by the inference workflow's evaluator on
+every decollated case. Both work on the map where it is (the GPU when there is one): the pixel writer cleans and
+quantises it there and copies it to the host once."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ from monai.transforms import MapTransform
 
 from scripts.files import write_atomically
 from scripts.inference import ERROR, NAME, PATH, readable_path
+from scripts.niftiio import reverse_axes
 
-__all__ = ["WritePixelMapd", "WriteSampleScored", "sample_score"]
+__all__ = ["PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_score"]
 
 logger = logging.getLogger(__name__)
+
+# the data types a pixel map can be written in: uint16 with scale slope 1/65535 (about half the bytes of float32 to
+# compress and write; MOOD's evaluator reads maps as float16 anyway, see bench/choose_map_dtype.py for the AP), or
+# float32 (the map's own values)
+PIXEL_MAP_DTYPES = ("uint16", "float32")
+_UINT16_STEPS = 65535
 
 
 def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.Tensor:
@@ -38,10 +46,16 @@ def _remove_stale(path: Path) -> None:
         logger.warning("%s: removed the output of an earlier run", path)
 
 
-def _to_numpy(x) -> np.ndarray:
+def _plain_tensor(x) -> torch.Tensor:
+    """The map as a plain float tensor where it is (no copy to the host)."""
     if isinstance(x, MetaTensor):
         x = x.as_tensor()
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return x.detach().float() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+def _clean(x: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1], NaN as 0 (a float copy, so the map stays untouched)."""
+    return torch.nan_to_num(x, nan=0.0).clamp_(0.0, 1.0)
 
 
 def _finite_affine(source, pred) -> np.ndarray:
@@ -56,12 +70,28 @@ def _finite_affine(source, pred) -> np.ndarray:
 
 
 class WritePixelMapd(MapTransform):
-    """Writes ``<output_dir>/<input name>``: the anomaly map as a float32 NIfTI with the input file's shape
-    and affine (MOOD pixel task). Expects the map already brought back to the input grid and clamped."""
+    """Writes ``<output_dir>/<input name>``: the anomaly map as a NIfTI with the input file's shape and affine (MOOD
+    pixel task), in ``dtype`` (:data:`PIXEL_MAP_DTYPES`): ``uint16`` stores round(65535 p) with scale slope 1/65535,
+    ``float32`` the probabilities themselves. Expects the map already brought back to the input grid; it is cleaned
+    (NaN to 0, clamped to [0, 1]) and quantised on its own device and copied to the host once."""
 
-    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", allow_missing_keys: bool = True) -> None:
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", dtype: str = "uint16",
+                 allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
+        if dtype not in PIXEL_MAP_DTYPES:
+            raise ValueError(f"pixel map dtype must be one of {PIXEL_MAP_DTYPES}, got {dtype!r}")
         self.output_dir = Path(output_dir)
+        self.dtype = dtype
+
+    def _host_values(self, pred, shape: tuple[int, ...]) -> np.ndarray:
+        values = _plain_tensor(pred)
+        if values.numel() != int(np.prod(shape)):
+            raise ValueError(f"map of shape {tuple(values.shape)} does not fit the input's {shape}")
+        values = _clean(values.reshape(shape))
+        if self.dtype == "uint16":
+            values = values.mul_(_UINT16_STEPS).round_().to(torch.uint16)
+        # NIfTI's voxel order (first axis fastest) made here, on the map's device, not by nibabel voxel by voxel
+        return reverse_axes(values).cpu().numpy().T
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -71,14 +101,16 @@ class WritePixelMapd(MapTransform):
             return d
         source = nib.load(readable_path(d[PATH]))
         for key in self.key_iterator(d):
-            values = _to_numpy(d[key])
-            if values.size != int(np.prod(source.shape)):
-                raise ValueError(f"{d[NAME]}: map of shape {values.shape} does not fit the input's {source.shape}")
-            values = np.clip(np.nan_to_num(values.reshape(source.shape), nan=0.0), 0.0, 1.0).astype(np.float32)
+            try:
+                values = self._host_values(d[key], tuple(source.shape))
+            except ValueError as err:
+                raise ValueError(f"{d[NAME]}: {err}") from None
             header = source.header.copy()
-            header.set_data_dtype(np.float32)
-            header.set_slope_inter(1.0, 0.0)
+            header.set_data_dtype(values.dtype)
             out = nib.Nifti1Image(values, _finite_affine(source, d.get(key)), header)
+            # set after the image is made (making it resets the scaling): nibabel then writes the values as they
+            # are, with this slope, instead of choosing its own scaling
+            out.header.set_slope_inter(1.0 / _UINT16_STEPS if self.dtype == "uint16" else 1.0, 0.0)
             d["written"] = str(write_atomically(self.output_dir / d[NAME], lambda tmp, image=out: nib.save(image, tmp)))
         return d
 
@@ -105,7 +137,7 @@ class WriteSampleScored(MapTransform):
             score = self.fallback_score
         else:
             key = self.first_key(d)
-            values = torch.nan_to_num(torch.as_tensor(_to_numpy(d[key])), nan=0.0)
+            values = torch.nan_to_num(_plain_tensor(d[key]), nan=0.0)  # on the map's device
             score = float(sample_score(values, self.top_fraction).clamp(0.0, 1.0))
         if not math.isfinite(score):
             score = self.fallback_score

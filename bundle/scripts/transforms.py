@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.transforms import Compose, MapTransform, RandomizableTransform, Transform
+from monai.transforms.transform import apply_transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
@@ -24,6 +26,7 @@ __all__ = [
     "NormaliseIntensity",
     "NormaliseIntensityd",
     "RandSyntheticAnomalyd",
+    "TimedCompose",
 ]
 
 NO_ANOMALY = "none"
@@ -414,3 +417,35 @@ class RandSyntheticAnomalyd(RandomizableTransform, MapTransform):
                     f"foreground shape {tuple(t.shape)} does not match the image's spatial shape {spatial}"
                 )
         return t.bool()
+
+
+class TimedCompose(Compose):
+    """A ``Compose`` of dictionary transforms that also records where the time goes: the seconds of each of its
+    transforms (nested ``Compose`` flattened) are added to ``data[timings_key]``, a dict summed by stage.
+    ``stages`` maps a transform's class name to its stage (e.g. ``{"LoadImaged": "load"}``); the others count as
+    ``default_stage``. ``synchronize``: wait for the GPU after each transform, so that its work is counted where it
+    was launched (only where the map is on the GPU: the writers copy it to the host anyway). The transforms run as
+    ``Compose`` runs them, not lazily."""
+
+    def __init__(self, transforms=None, stages: Mapping[str, str] | None = None, default_stage: str = "other",
+                 timings_key: str = "timings", synchronize: bool = False, **kwargs) -> None:
+        super().__init__(transforms, **kwargs)
+        self.stages = dict(stages or {})
+        self.default_stage = default_stage
+        self.timings_key = timings_key
+        self.synchronize = synchronize
+
+    def __call__(self, data, start=0, end=None, threading=False, lazy=None):
+        timings = {k: float(v) for k, v in (data.get(self.timings_key) or {}).items()}
+        sync = self.synchronize and torch.cuda.is_available() and torch.cuda.is_initialized()
+        for transform in self.flatten().transforms[start:end]:
+            began = time.perf_counter()
+            data = apply_transform(transform, data, self.map_items, self.unpack_items, lazy=False,
+                                   overrides=self.overrides, log_stats=self.log_stats)
+            if sync:
+                torch.cuda.synchronize()
+            stage = self.stages.get(type(transform).__name__, self.default_stage)
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - began
+        data = dict(data)
+        data[self.timings_key] = timings
+        return data
