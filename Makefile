@@ -109,10 +109,10 @@ train: setup
 		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
 
-# `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample] [MODELS=runs/models]`
+# `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample|both] [MODELS=runs/models]`
 MODE ?= pixel
 infer: setup
-	@test -n "$(IN)" || (echo "usage: make infer IN=<folder of scans> OUT=<folder> [DATASET=brain|abdom] [MODE=pixel|sample]"; exit 2)
+	@test -n "$(IN)" || (echo "usage: make infer IN=<folder of scans> OUT=<folder> [DATASET=brain|abdom] [MODE=pixel|sample|both]"; exit 2)
 	$(check_dataset)
 	$(PY) -m monai.bundle run --meta_file bundle/configs/metadata.json --bundle_root bundle \
 		--config_file "$(call inference_configs,$(DATASET))" \
@@ -128,8 +128,11 @@ report: setup
 	$(PY) -m tools.report --data_dir "$(IN)" --pixel_dir "$(PRED)" --sample_dir "$(PRED)" \
 		--output_dir "$(if $(filter runs,$(OUT)),report,$(OUT))"
 
+# `make bench-inference [ARGS="--cases 3 --datasets brain abdom"]`: MOOD-sized toy cases through the previous
+# release's pixel and sample runs and this checkout's one pass for both: seconds per case and per stage, the pure
+# I/O floor, peak memory, the map data types, and the outputs unchanged (bench/bench_inference.py; ~10 min on 2 cores)
 bench-inference: setup
-	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_inference.py $(ARGS)
 
 # `make bench-quality [MODELS=runs/models]`: held-out toy and gorilla sets through the four MOOD run scripts,
 # pixel and sample AP per group next to two baselines (bench/bench_quality.py; about an hour on 2 cores)
@@ -199,7 +202,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.7.1
+MAP_TAG ?= mood-anomaly:0.8.0
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

@@ -1,15 +1,25 @@
-"""Inference speed and memory with the full default ensemble, on MOOD-sized cases.
+"""Inference speed, memory and outputs on MOOD-sized cases, against the previous release and the pure I/O floor.
 
-Run from the repository root::
+Run from the repository root (``make bench-inference``)::
 
     PYTHONPATH=bundle .venv/bin/python bench/bench_inference.py [--cases 3] [--datasets brain abdom]
-        [--mode pixel] [--folds 5] [--model_formats pytorch onnx torchscript] [--json PATH]
+        [--models_dir bundle/models] [--reference 9e78e34] [--model_formats pytorch] [--json PATH]
 
-Writes MOOD-sized toy cases (brain 256^3 float32 from the MNI152 phantom, abdomen 512^3 int16 CT phantom),
-an ensemble of ``--folds`` default networks (random weights: the timing does not depend on them), runs
-the bundle's inference command in a child process and reports the median seconds per case from its
-progress lines, its peak resident memory, and the pure I/O time of one case (reading the input and writing a
-float32 map of the same shape with nibabel) measured in the same run.
+For each dataset it writes labelled toy cases at MOOD's size (``tools.toy_data``: brain 256^3, abdomen 512^3) and
+runs, in child processes of the bundle's inference command on the same cases and models:
+
+- the reference: the bundle of the ``--reference`` commit (by default the last release before one pass wrote both
+  outputs), once with ``--mode pixel`` and once with ``--mode sample``, as its users had to;
+- this checkout with ``--mode both``: one pass of the ensemble per case for both outputs.
+
+It reports the median seconds per case of each run (from the progress lines), the median seconds of each stage
+of this checkout's cases (load, preprocess, network, inverse, write: its progress lines), each run's peak
+resident memory, and in the same process the pure I/O floor of a case: reading the scan as the bundle's reader
+does and writing its map's stored values again, both with the bundle's I/O (ISA-L gzip). The reference's float32
+maps are written again by the bundle's writer in each data type it offers and by nibabel's default (the float32
+map through zlib): seconds, size and MOOD's pixel AP of each (what chose uint16). It checks that the outputs did
+not change: every score equal to the reference's to 1e-5 and MOOD's pixel and sample AP equal to 1e-4
+(``scripts.evaluate``). Results go to ``--json`` (default ``bench/results/inference.json``).
 """
 
 from __future__ import annotations
@@ -33,110 +43,190 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
-sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
+sys.path.insert(1, str(REPO))  # the tools (tools.toy_data)
 
-
+from scripts.evaluate import evaluate  # noqa: E402
 from scripts.export import export_dataset  # noqa: E402
 from scripts.files import bundle_configs, save_json  # noqa: E402
-from scripts.plans import build_network, default_plan, ensure_plan  # noqa: E402
-from tools.phantoms import brain_partner, ct_phantom, mni152_brain  # noqa: E402
+from scripts.niftiio import reverse_axes, use_fast_gzip  # noqa: E402
+from scripts.postprocessing import PIXEL_MAP_DTYPES, WritePixelMapd  # noqa: E402
+from tools.toy_data import write_toy_dataset  # noqa: E402
 
-SIZES = {"brain": 256, "abdom": 512}
+# 0.7.1, the last release before `--mode both`, uint16 maps and ISA-L
+DEFAULT_REFERENCE = "9e78e34"
+STAGES = ("load", "preprocess", "network", "inverse", "write")
+CASE_LINE = re.compile(r"^\[\d+/\d+\] (\S.*?): ([\d.]+) s(?: score [\d.]+)?(?: \((.*) s\))?$", re.M)
+TARGETS = {"brain_both_to_reference": 0.6, "abdom_both_to_reference_pixel": 0.6, "write_to_nibabel": 0.3,
+           "peak_memory_gb_512": 3.0, "gpu_ratio_to_io": 1.2, "ap_change": 1e-4, "score_change": 1e-5}
 
 
-def write_cases(folder: Path, dataset: str, count: int) -> list[Path]:
+def reference_bundle(commit: str, folder: Path) -> Path:
+    """The bundle (configs and code) of ``commit``, extracted from git into ``folder``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "bundle/configs",
+                              "bundle/scripts"], capture_output=True, check=True).stdout
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if dataset == "brain":
-        template, foreground = mni152_brain(SIZES["brain"])
-    for i in range(count):
-        if dataset == "brain":
-            volume, _ = brain_partner(template, foreground, seed=i)
-            volume = ((volume - volume.min()) / (volume.max() - volume.min())).astype(np.float32)
-            affine = np.eye(4)
-        else:  # a 256^3 phantom doubled along every axis: MOOD's 512^3 shape without 512^3 phantom cost
-            half, _ = ct_phantom(SIZES["abdom"] // 2, seed=i)
-            volume = np.round(half).astype(np.int16).repeat(2, 0).repeat(2, 1).repeat(2, 2)
-            affine = np.diag([0.7, 0.7, 0.7, 1.0])
-        path = folder / f"toy_{i}.nii.gz"
-        nib.save(nib.Nifti1Image(volume, affine), path)
-        paths.append(path)
-    return paths
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "bundle"
 
 
-def write_models(models_dir: Path, dataset: str, folds: int) -> None:
-    """``folds`` default networks (random weights) with the plan training makes by default (train.yaml's grid)."""
-    fingerprint = {"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -100.0, "std": 400.0}
-    plan = default_plan(dataset, fingerprint=fingerprint if dataset == "abdom" else None)
-    folder = models_dir / dataset
-    ensure_plan(folder, plan)
-    for fold in range(folds):
-        torch.manual_seed(fold)
-        torch.save(build_network(plan).state_dict(), folder / f"fold_{fold}.pt")
-
-
-def io_seconds(path: Path, out_dir: Path) -> float:
-    start = time.perf_counter()
-    image = nib.load(path)
-    data = np.asanyarray(image.dataobj).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, image.affine), out_dir / f"io_{path.name}")
-    return time.perf_counter() - start
-
-
-def run_inference(dataset: str, cases: Path, out: Path, models: Path, mode: str,
-                  model_format: str = "pytorch") -> tuple[list[float], float]:
-    """Seconds per case from the progress lines and the child's own peak resident memory (GB)."""
+def run_inference(bundle: Path, dataset: str, cases: Path, out: Path, models: Path, mode: str,
+                  model_format: str = "pytorch") -> dict:
+    """One inference run in a child process: seconds per case and per stage from its progress lines, and the
+    child's own peak resident memory (GB)."""
     command = [sys.executable, "-m", "monai.bundle", "run",
-               "--meta_file", "bundle/configs/metadata.json", "--bundle_root", "bundle",
-               "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
-               "--dataset_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models),
-               "--model_format", model_format]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "bundle"))
+               "--meta_file", str(bundle / "configs/metadata.json"), "--bundle_root", str(bundle),
+               "--config_file", repr(bundle_configs(bundle, "inference", dataset)),
+               "--dataset_dir", str(cases), "--output_dir", str(out), "--mode", mode, "--models_dir", str(models)]
+    if model_format != "pytorch":
+        command += ["--model_format", model_format]
+    env = dict(os.environ, PYTHONPATH=str(bundle))
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (Linux: ru_maxrss in kilobytes)
-        child.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0), stderr.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(stderr.read()[-3000:])
-        seconds = [float(m) for m in re.findall(r"^\[\d+/\d+\] .*?: ([\d.]+) s", stdout.read(), re.M)]
-    return seconds, usage.ru_maxrss / 1024 / 1024
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{mode} run of {bundle} failed: {stderr.read()[-3000:]}")
+        lines = CASE_LINE.findall(stdout.read())
+    stages = {}
+    for _, _, split in lines:
+        for part in filter(None, (split or "").split(", ")):
+            stage, seconds = part.rsplit(" ", 1)
+            stages.setdefault(stage, []).append(float(seconds))
+    seconds = [float(s) for _, s, _ in lines]
+    return {"cases": len(seconds), "median_seconds_per_case": statistics.median(seconds),
+            "seconds_per_case": seconds, "median_stage_seconds": {k: statistics.median(v) for k, v in stages.items()},
+            "peak_memory_gb": round(usage.ru_maxrss / 1024 / 1024, 2)}
+
+
+def io_floor(scan: Path, pixel_map: Path, out_dir: Path) -> dict:
+    """Seconds to read ``scan`` as the bundle's reader does (ISA-L, C-ordered) and to write ``pixel_map``'s stored
+    values again as the bundle stores them (uint16 with its slope, ISA-L), with no other work."""
+    stored = nib.load(pixel_map)
+    values = np.asanyarray(stored.dataobj.get_unscaled())  # as the writer hands them to nibabel (not timed)
+    start = time.perf_counter()
+    image = nib.load(scan)
+    reverse_axes(torch.from_numpy(np.asanyarray(image.dataobj).T))
+    loaded = time.perf_counter()
+    out = nib.Nifti1Image(values, image.affine)
+    out.header.set_slope_inter(stored.dataobj.slope, 0.0)
+    nib.save(out, out_dir / f"floor_{scan.name}")
+    return {"load": loaded - start, "save": time.perf_counter() - loaded, "total": time.perf_counter() - start}
+
+
+def map_dtypes(data_dir: Path, float32_maps: Path, out_dir: Path) -> dict:
+    """What the pixel map's data type costs and changes: every case's float32 map (the reference's output) written
+    by the bundle's writer in each of :data:`PIXEL_MAP_DTYPES` (median seconds per map, mean MB per file, MOOD's
+    pixel AP of the written maps and its change from the float32 maps'), and by nibabel's default (the float32
+    map as it is, C-ordered, through zlib: as the previous release wrote it)."""
+    scans = sorted((data_dir / "toy").glob("*.nii.gz"))
+    result = {}
+    for dtype in (*PIXEL_MAP_DTYPES, "nibabel_default"):
+        folder = out_dir / dtype
+        seconds = []
+        for scan in scans:
+            values = np.ascontiguousarray(np.asanyarray(nib.load(float32_maps / scan.name).dataobj, dtype=np.float32))
+            start = time.perf_counter()
+            if dtype == "nibabel_default":
+                use_fast_gzip(False)
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    nib.save(nib.Nifti1Image(values, nib.load(scan).affine), folder / scan.name)
+                finally:
+                    use_fast_gzip(True)
+            else:
+                case = {"name": scan.name, "image_path": str(scan), "error": "", "pred": torch.from_numpy(values)[None]}
+                WritePixelMapd(output_dir=folder, dtype=dtype)(case)
+            seconds.append(time.perf_counter() - start)
+        result[dtype] = {"write_seconds": statistics.median(seconds),
+                         "megabytes": statistics.mean((folder / p.name).stat().st_size for p in scans) / 2**20,
+                         "pixel_ap": evaluate(data_dir, folder, "pixel")["average_precision"]}
+    reference = evaluate(data_dir, float32_maps, "pixel")["average_precision"]
+    for entry in result.values():
+        entry["ap_change"] = None if reference is None else entry["pixel_ap"] - reference
+    default = result[PIXEL_MAP_DTYPES[0]]["write_seconds"]
+    result["write_to_nibabel_default"] = default / result["nibabel_default"]["write_seconds"]
+    return result
+
+
+def compare_outputs(data_dir: Path, reference: dict[str, Path], current: Path) -> dict:
+    """MOOD's AP of both sets of outputs, and the largest score and map differences."""
+    result = {}
+    for mode in ("pixel", "sample"):
+        before = evaluate(data_dir, reference[mode], mode)["average_precision"]
+        after = evaluate(data_dir, current, mode)["average_precision"]
+        result[f"{mode}_ap"] = {"reference": before, "current": after,
+                                "change": None if before is None or after is None else after - before}
+    names = [p.name for p in sorted((data_dir / "toy").glob("*.nii.gz"))]
+    result["largest_score_change"] = max(abs(float((reference["sample"] / f"{n}.txt").read_text())
+                                             - float((current / f"{n}.txt").read_text())) for n in names)
+    result["largest_map_change"] = max(
+        float(np.abs(np.asanyarray(nib.load(reference["pixel"] / name).dataobj)
+                     - np.asanyarray(nib.load(current / name).dataobj)).max())
+        for name in names)
+    return result
+
+
+def bench_dataset(dataset: str, args, work: Path, reference: Path | None) -> dict:
+    write_toy_dataset(work / "data", dataset, n_train=0, n_toy=args.cases, size=args.size, seed=args.seed)
+    data_dir = work / "data" / dataset
+    cases = data_dir / "toy"
+    scans = sorted(cases.glob("*.nii.gz"))
+    result = {"shape": list(nib.load(scans[0]).shape), "cases": len(scans)}
+    outputs = {}
+    if reference is not None:
+        for mode in ("pixel", "sample"):
+            outputs[mode] = work / "reference" / dataset / mode
+            result[f"reference_{mode}"] = run_inference(reference, dataset, cases, outputs[mode], args.models_dir, mode)
+    for model_format in args.model_formats:
+        out = work / "current" / dataset / model_format
+        result[f"both_{model_format}"] = run_inference(REPO / "bundle", dataset, cases, out, args.models_dir, "both",
+                                                       model_format)
+    current = work / "current" / dataset / args.model_formats[0]
+    floors = [io_floor(p, current / p.name, work) for p in scans]
+    result["io_floor_seconds"] = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+    for model_format in args.model_formats:
+        run = result[f"both_{model_format}"]
+        run["ratio_to_io"] = run["median_seconds_per_case"] / result["io_floor_seconds"]["total"]
+    if reference is not None:
+        ref_both = result["reference_pixel"]["median_seconds_per_case"] + result["reference_sample"][
+            "median_seconds_per_case"]
+        both = result[f"both_{args.model_formats[0]}"]["median_seconds_per_case"]
+        result["both_to_reference_pixel_plus_sample"] = both / ref_both
+        result["both_to_reference_pixel"] = both / result["reference_pixel"]["median_seconds_per_case"]
+        result["outputs"] = compare_outputs(data_dir, outputs, current)
+        result["map_dtypes"] = map_dtypes(data_dir, outputs["pixel"], work / "map_dtypes")
+    shutil.rmtree(work / "data" / dataset)
+    return result
 
 
 def main(argv=None) -> dict:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("--cases", type=int, default=3)
-    cli.add_argument("--datasets", nargs="+", default=["brain", "abdom"])
-    cli.add_argument("--mode", default="pixel", choices=("pixel", "sample"))
-    cli.add_argument("--folds", type=int, default=5)
+    cli.add_argument("--cases", type=int, default=3, help="toy cases per dataset (half with an anomaly)")
+    cli.add_argument("--datasets", nargs="+", default=["brain", "abdom"], choices=("brain", "abdom"))
+    cli.add_argument("--size", type=int, default=None, help="cube side (default MOOD's: 256 brain, 512 abdomen)")
+    cli.add_argument("--models_dir", type=Path, default=REPO / "bundle" / "models")
+    cli.add_argument("--reference", default=DEFAULT_REFERENCE,
+                     help="the commit whose bundle is the reference ('none': no reference run)")
     cli.add_argument("--model_formats", nargs="+", default=["pytorch"], choices=("pytorch", "torchscript", "onnx"),
                      help="run the ensemble from the state dicts and/or their exports (made here by scripts.export)")
+    cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--json", default=str(REPO / "bench/results/inference.json"))
     args = cli.parse_args(argv)
     result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "folds": args.folds, "mode": args.mode,
-              "datasets": {}}
+              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "reference": args.reference,
+              "models_dir": str(args.models_dir), "targets": TARGETS, "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        models = work / "models"
+        shutil.copytree(args.models_dir, models)
+        args.models_dir = models
+        exports = [f for f in args.model_formats if f != "pytorch"]
+        reference = None if args.reference == "none" else reference_bundle(args.reference, work / "reference_code")
         for dataset in args.datasets:
-            cases = write_cases(work / dataset / "cases", dataset, args.cases)
-            write_models(work / "models", dataset, args.folds)
-            exports = [f for f in args.model_formats if f != "pytorch"]
             if exports:
-                export_dataset(work / "models", dataset, exports, bundle_root=REPO / "bundle")
-            io = [io_seconds(p, work / dataset) for p in cases]
-            result["datasets"][dataset] = {"shape": list(nib.load(cases[0]).shape),
-                                           "median_io_seconds": statistics.median(io)}
-            for model_format in args.model_formats:
-                seconds, peak_gb = run_inference(dataset, cases[0].parent, work / dataset / model_format,
-                                                 work / "models", args.mode, model_format)
-                result["datasets"][dataset][model_format] = {
-                    "cases": len(seconds), "median_seconds_per_case": statistics.median(seconds),
-                    "seconds_per_case": seconds, "peak_memory_gb": round(peak_gb, 2),
-                    "ratio_to_io": statistics.median(seconds) / statistics.median(io),
-                }
-            shutil.rmtree(work / dataset)
+                export_dataset(models, dataset, exports, bundle_root=REPO / "bundle")
+            result["datasets"][dataset] = bench_dataset(dataset, args, work, reference)
             print(json.dumps({dataset: result["datasets"][dataset]}, indent=1), flush=True)
     save_json(result, args.json)
     return result

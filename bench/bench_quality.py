@@ -1,4 +1,4 @@
-"""Detection quality on held-out MOOD-sized sets, through the four MOOD run scripts, next to two baselines.
+"""Detection quality on held-out MOOD-sized sets, through the MOOD run scripts' shared body, next to two baselines.
 
 Run from the repository root (``make bench-quality [MODELS=runs/models]``)::
 
@@ -15,13 +15,14 @@ For each dataset it generates, with the toy generator (``tools.toy_data``) and a
 - ``--train`` normal scans for the z-score baseline (never scored).
 
 Every case is written in each intensity convention of ``--conventions``: ``mood`` is what the challenge ships,
-[0, 1] (the brain phantom is in [0, 1]; the CT phantom's Hounsfield units are mapped linearly,
-(HU + 1024) / 4095); ``raw`` is the scanner's unit (CT in HU; MR as [0, 1] x 1000 + 100). The four MOOD scripts
-(``docker/run_{pixel,sample}_<dataset>.sh``, with ``MOOD_MODELS_DIR``) score each convention's folder, and the
-outputs are scored with MOOD's semantics (``scripts.evaluate``: maps read as float16 and clipped, all voxels of
-a group pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy
-kind (its single-kind cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each
-gorilla kind. ``--rescore`` scores the data and predictions an earlier run left in ``--work_dir`` again.
+[0, 1] (the brain phantom is in [0, 1]; the CT phantom's Hounsfield units are mapped linearly, (HU + 1024) / 4095);
+``raw`` is the scanner's unit (CT in HU; MR as [0, 1] x 1000 + 100). The body of the four MOOD scripts,
+``docker/run_mood.sh both <dataset>`` (with ``MOOD_MODELS_DIR``: the pixel maps and the sample scores from one pass
+of the ensemble, the same outputs as the pixel and sample scripts), scores each convention's folder, and the outputs
+are scored with MOOD's semantics (``scripts.evaluate``: maps read as float16 and clipped, all voxels of a group
+pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy kind (its
+single-kind cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each gorilla kind.
+``--rescore`` scores the data and predictions an earlier run left in ``--work_dir`` again.
 
 Baselines on the same cases (computed on the ``mood`` convention, as MOOD ships the data):
 - ``mood_example``: the MOOD example's pixel score ``|x - 0.5|``;
@@ -149,8 +150,8 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
     for name in cases:
         label = np.asanyarray(nib.load(data_dir / "toy_label" / "pixel" / name).dataobj)
         for convention in folders:
-            score_map = np.asanyarray(nib.load(predictions / convention / "pixel" / name).dataobj)
-            score = float((predictions / convention / "sample" / f"{name}.txt").read_text().split()[0])
+            score_map = np.asanyarray(nib.load(predictions / convention / name).dataobj)
+            score = float((predictions / convention / f"{name}.txt").read_text().split()[0])
             per_method[f"bundle_{convention}"][name] = case_counts(score_map, label, score)
         scan = to_convention(np.asanyarray(nib.load(data_dir / "toy" / name).dataobj), dataset, "mood")
         example = np.clip(np.abs(scan - 0.5), 0, 1)
@@ -184,13 +185,12 @@ def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_g
         generated = time.perf_counter() - started
         predictions = work_dir / "predictions" / dataset
         seconds = {}
-        for convention, folder in folders.items():
-            for mode in ("pixel", "sample"):
-                out = predictions / convention / mode
-                if out.exists():
-                    shutil.rmtree(out)
-                seconds[f"{convention}_{mode}"] = run_script(mode, dataset, folder, out, models_dir,
-                                                             quiet=True) / len(written["cases"])
+        for convention, folder in folders.items():  # both outputs from one pass (run_mood.sh both)
+            out = predictions / convention
+            if out.exists():
+                shutil.rmtree(out)
+            seconds[convention] = run_script("both", dataset, folder, out, models_dir, quiet=True) / len(
+                written["cases"])
         result["datasets"][dataset] = {
             "methods": evaluate_dataset(data_dir, dataset, written["cases"], folders, predictions),
             "seconds_per_case": seconds, "seconds_generating": generated,

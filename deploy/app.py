@@ -4,11 +4,12 @@
 
 IN is a folder of NIfTI scans (or one scan), MODELS the bundle's models folder (``bundle/models``: the dataset is
 chosen by MOOD_DATASET, default brain) or one dataset's folder (``bundle/models/abdom``). OUT receives the MOOD
-outputs of every scan: ``OUT/pixel/<name>`` (float32 anomaly map on the input grid) and ``OUT/sample/<name>.txt``
-(abnormality score). The SDK's variables HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH
-stand in for -i, -o and -m (as in a MAP container). MOOD_MODEL_FORMAT picks the fold models: pytorch (state
-dicts, default), torchscript or onnx (the exports made by `make export`); MOOD_ALLOW_PARTIAL_ENSEMBLE=1 scores with
-the folds there are when some of the models' plan are missing.
+outputs of every scan from one pass of the ensemble: ``OUT/pixel/<name>`` (the anomaly map on the input grid, as
+the bundle writes it) and ``OUT/sample/<name>.txt`` (abnormality score). The SDK's variables HOLOSCAN_INPUT_PATH,
+HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH stand in for -i, -o and -m (as in a MAP container).
+MOOD_MODEL_FORMAT picks the fold models: pytorch (state dicts, default), torchscript or onnx (the exports made by
+`make export`); MOOD_ALLOW_PARTIAL_ENSEMBLE=1 scores with the folds there are when some of the models' plan are
+missing.
 
 Exit codes, as the bundle's inference: 0 when every scan was scored, 3 when some scan failed (each is named on
 its progress line and every other scan was scored), another non-zero code when the app could not start.
@@ -48,7 +49,7 @@ class MoodAnomalyApp(Application):
         writer = self.writer
         return writer is None or bool(writer.failed) or writer.done + len(writer.failed) < writer.total
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
-    version = "0.7.1"
+    version = "0.8.0"
 
     def compose(self) -> None:
         context: AppContext = Application.init_app_context(self.argv)

@@ -4,11 +4,12 @@ network and the preprocessing follow the models' own plan), parsed once by
 :class:`BundleInference`; the operators only move one case at a time between them.
 
     ScanLoaderOperator --case--> EnsembleInferenceOperator --case--> MoodWriterOperator
-    the bundle's `dataset`         its `network` and `inferer`,        `postprocessing_sample` -> OUT/sample/<name>.txt
-    (LoadImaged, preprocessing)    as its evaluator runs them          `postprocessing_pixel` -> OUT/pixel/<name>
+    the bundle's `dataset`         its `network` and `inferer`,        `postprocessing_both`: the score
+    (LoadImaged, preprocessing)    as its evaluator runs them          -> OUT/sample/<name>.txt, the map
+                                                                       -> OUT/pixel/<name>
 
-The float anomaly map is written by the bundle's own writer as float32 NIfTI (the SDK's
-MonaiBundleInferenceOperator would cast image outputs to uint8).
+The anomaly map is written by the bundle's own writer, as the bundle writes it (uint16 with scale slope 1/65535 by
+default; the SDK's MonaiBundleInferenceOperator would cast image outputs to uint8).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class BundleInference:
         self.parser.read_meta(str(configs / "metadata.json"))
         self.parser.read_config([str(configs / name) for name in ("common.yaml", "inference.yaml", f"{dataset}.yaml")])
         self.parser.update({"bundle_root": str(bundle_root), "models_dir": str(models_dir),
-                            "dataset_dir": str(input_dir), "output_dir": str(output_dir / "pixel"),
+                            "dataset_dir": str(input_dir), "output_dir": str(output_dir), "mode": "both",
+                            "pixel_output_dir": str(output_dir / "pixel"),
+                            "sample_output_dir": str(output_dir / "sample"),
                             "model_format": model_format, "allow_partial_ensemble": allow_partial_ensemble})
         self.parser.get_parsed_content("initialize")  # the bundle's own start-up (determinism, argument checks)
         self.cases = self.parser.get_parsed_content("dataset")
@@ -89,10 +92,7 @@ class BundleInference:
         self.inferer = self.parser.get_parsed_content("inferer")
         self.device = self.parser.get_parsed_content("device")
         self.amp = bool(self.parser.get_parsed_content("amp"))
-        self.pixel_writer = self.parser.get_parsed_content("postprocessing_pixel")
-        # the same config, pointed at the sample folder (setting a key re-resolves what depends on it)
-        self.parser["output_dir"] = str(output_dir / "sample")
-        self.sample_writer = self.parser.get_parsed_content("postprocessing_sample")
+        self.writer = self.parser.get_parsed_content("postprocessing")  # both outputs of the one pass
 
 
 class ScanLoaderOperator(Operator):
@@ -151,9 +151,10 @@ class EnsembleInferenceOperator(Operator):
 
 
 class MoodWriterOperator(Operator):
-    """Writes both MOOD outputs of each case with the bundle's writers: the sample score
+    """Writes both MOOD outputs of each case with the bundle's post-processing of ``--mode both``: the sample score
     (``OUT/sample/<name>.txt``, from the working-grid map) and the pixel map brought back to the input grid
-    (``OUT/pixel/<name>``, float32 NIfTI). Prints one line per case and a summary after the last."""
+    (``OUT/pixel/<name>``). A case that fails there gets the outputs of a failed case (the fallback score, no map),
+    as in the bundle. Prints one line per case and a summary after the last."""
 
     def __init__(self, fragment: Fragment, *args, bundle: BundleInference, total: int, **kwargs) -> None:
         self.bundle = bundle
@@ -168,11 +169,15 @@ class MoodWriterOperator(Operator):
         case = op_input.receive("case")
         name, index = case["name"], self.done + len(self.failed) + 1
         try:
-            scored = self.bundle.sample_writer(dict(case))
-            self.bundle.pixel_writer(dict(case))
+            scored = self.bundle.writer(dict(case))
         except Exception as err:  # one case's failure never stops the others
             logger.exception("%s: writing its outputs failed", name)
-            case["error"] = case.get("error") or f"{type(err).__name__}: {err}"
+            case = {"name": name, "image_path": case["image_path"], "started": case["started"],
+                    "error": case.get("error") or f"{type(err).__name__}: {err}"}
+            try:
+                self.bundle.writer(dict(case))  # the fallback score; no map, and none of an earlier run
+            except Exception:
+                logger.exception("%s: not even the fallback outputs could be written", name)
             scored = {}
         if case.get("error"):
             self.failed.append(name)

@@ -40,12 +40,13 @@ def run_app(input_path: Path, output_dir: Path, models: Path, expected: int | No
     return result
 
 
-def run_bundle(dataset: str, input_dir: Path, output_dir: Path, mode: str, models_dir: Path, model_format: str,
-               *extra: str):
+def run_bundle(dataset: str, input_dir: Path, output_dir: Path, models_dir: Path, model_format: str, *extra: str):
+    """The bundle's inference with ``--mode both``: maps to ``output_dir/pixel``, scores to ``output_dir/sample``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
     command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
                "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
-               "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
+               "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", "both",
+               "--pixel_output_dir", str(output_dir / "pixel"), "--sample_output_dir", str(output_dir / "sample"),
                "--models_dir", str(models_dir), "--model_format", model_format, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # 3: the toy folder's corrupt file failed, every other case was scored
@@ -61,13 +62,15 @@ def toy_folder(normal_scans, dataset: str, folder: Path) -> Path:
     return folder
 
 
-def assert_same_outputs(app_out: Path, pixel_dir: Path, sample_dir: Path) -> None:
+def assert_same_outputs(app_out: Path, bundle_out: Path) -> None:
+    pixel_dir, sample_dir = bundle_out / "pixel", bundle_out / "sample"
     maps = sorted(p.name for p in pixel_dir.iterdir())
     assert sorted(p.name for p in (app_out / "pixel").iterdir()) == maps and len(maps) == 3
     for name in maps:
         expected = np.asanyarray(nib.load(pixel_dir / name).dataobj)
         written = nib.load(app_out / "pixel" / name)
-        assert written.get_data_dtype() == np.float32  # the float map survives (no uint8 cast)
+        # the bundle's uint16 map with its slope survives (the SDK's image writer would cast to uint8)
+        assert written.get_data_dtype() == np.uint16 and written.dataobj.slope == pytest.approx(1 / 65535)
         np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected)
         assert np.allclose(written.affine, nib.load(pixel_dir / name).affine)
     scores = sorted(p.name for p in sample_dir.iterdir())
@@ -86,9 +89,8 @@ def test_app_outputs_equal_bundle_inference_with_the_shipped_models(dataset, nor
     else:  # one dataset's folder: the dataset is its name
         result = run_app(inputs, tmp_path / "app", models / dataset, FAILED_CASES_EXIT_CODE)
     assert "summary: 3 done, 1 failed" in result.stdout
-    for mode in ("pixel", "sample"):
-        run_bundle(dataset, inputs, tmp_path / mode, mode, models, "pytorch")
-    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+    run_bundle(dataset, inputs, tmp_path / "bundle", models, "pytorch")
+    assert_same_outputs(tmp_path / "app", tmp_path / "bundle")
 
 
 def test_app_runs_exported_onnx_models_like_the_bundle(normal_scans, default_models, tmp_path):
@@ -96,9 +98,8 @@ def test_app_runs_exported_onnx_models_like_the_bundle(normal_scans, default_mod
     export_dataset(models, "brain", formats=["onnx"], bundle_root=ROOT / "bundle")
     inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
     run_app(inputs, tmp_path / "app", models / "brain", FAILED_CASES_EXIT_CODE, MOOD_MODEL_FORMAT="onnx")
-    for mode in ("pixel", "sample"):
-        run_bundle("brain", inputs, tmp_path / mode, mode, models, "onnx")
-    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+    run_bundle("brain", inputs, tmp_path / "bundle", models, "onnx")
+    assert_same_outputs(tmp_path / "app", tmp_path / "bundle")
 
 
 def test_app_builds_a_planned_model_of_another_width_and_grid(normal_scans, planned_models, tmp_path):
@@ -108,9 +109,8 @@ def test_app_builds_a_planned_model_of_another_width_and_grid(normal_scans, plan
     # one fold of the plan's five was trained: both run the partial ensemble only when asked to
     assert run_app(inputs, tmp_path / "refused", models / "brain", expected=None).returncode not in (0, 3)
     run_app(inputs, tmp_path / "app", models / "brain", FAILED_CASES_EXIT_CODE, MOOD_ALLOW_PARTIAL_ENSEMBLE="1")
-    for mode in ("pixel", "sample"):
-        run_bundle("brain", inputs, tmp_path / mode, mode, models, "pytorch", "--allow_partial_ensemble", "True")
-    assert_same_outputs(tmp_path / "app", tmp_path / "pixel", tmp_path / "sample")
+    run_bundle("brain", inputs, tmp_path / "bundle", models, "pytorch", "--allow_partial_ensemble", "True")
+    assert_same_outputs(tmp_path / "app", tmp_path / "bundle")
 
 
 def test_app_takes_a_single_scan_and_reports_bad_settings_clearly(normal_scans, tmp_path):

@@ -6,7 +6,7 @@ nibabel chooses a file's opener by its suffix from ``ImageOpener.compress_ext_ma
 other compressors; :func:`use_fast_gzip` puts ISA-L's gzip file there. The files stay standard gzip streams (any
 zlib, nibabel, ITK-SNAP or 3D Slicer reads them) and are as deterministic as nibabel's own (no file name, time 0).
 ISA-L compresses a MOOD 512^3 map several times faster than zlib at about the same size, and decompresses about
-twice as fast (``bench/choose_map_dtype.py`` measures the writers). Importing ``scripts`` calls it, so every
+twice as fast (``make bench-inference`` measures the writers). Importing ``scripts`` calls it, so every
 workflow, the evaluation and the tools use it; ``MOOD_FAST_GZIP=0`` keeps nibabel's own.
 
 Reordering a 512^3 volume with NumPy (``np.ascontiguousarray``, as MONAI's reader does) takes seconds: every voxel

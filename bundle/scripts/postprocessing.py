@@ -26,7 +26,7 @@ __all__ = ["PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_sc
 logger = logging.getLogger(__name__)
 
 # the data types a pixel map can be written in: uint16 with scale slope 1/65535 (about half the bytes of float32 to
-# compress and write; MOOD's evaluator reads maps as float16 anyway, see bench/choose_map_dtype.py for the AP), or
+# compress and write; MOOD's evaluator reads maps as float16 anyway, make bench-inference measures the AP), or
 # float32 (the map's own values)
 PIXEL_MAP_DTYPES = ("uint16", "float32")
 _UINT16_STEPS = 65535
