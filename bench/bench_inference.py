@@ -17,7 +17,7 @@ of this checkout's cases (load, preprocess, network, inverse, write: its progres
 resident memory, and in the same process the pure I/O floor of a case: reading the scan as the bundle's reader
 does and writing its map's stored values again, both with the bundle's I/O (ISA-L gzip). The reference's float32
 maps are written again by the bundle's writer in each data type it offers and by nibabel's default (the float32
-map through zlib): seconds, size and MOOD's pixel AP of each (what chose uint16). It checks that the outputs did
+map through zlib): seconds, size and MOOD's pixel AP of each (what chose float16). It checks that the outputs did
 not change: every score equal to the reference's to 1e-5 and MOOD's pixel and sample AP equal to 1e-4
 (``scripts.evaluate``). Results go to ``--json`` (default ``bench/results/inference.json``).
 """
@@ -48,11 +48,11 @@ sys.path.insert(1, str(REPO))  # the tools (tools.toy_data)
 from scripts.evaluate import evaluate  # noqa: E402
 from scripts.export import export_dataset  # noqa: E402
 from scripts.files import bundle_configs, save_json  # noqa: E402
-from scripts.niftiio import reverse_axes, use_fast_gzip  # noqa: E402
-from scripts.postprocessing import PIXEL_MAP_DTYPES, WritePixelMapd  # noqa: E402
+from scripts.niftiio import fast_gzip_in_use, reverse_axes, use_fast_gzip  # noqa: E402
+from scripts.postprocessing import DEFAULT_PIXEL_MAP_DTYPE, PIXEL_MAP_DTYPES, WritePixelMapd  # noqa: E402
 from tools.toy_data import write_toy_dataset  # noqa: E402
 
-# 0.7.1, the last release before `--mode both`, uint16 maps and ISA-L
+# 0.7.1, the last release before `--mode both`, float16 maps and ISA-L
 DEFAULT_REFERENCE = "9e78e34"
 STAGES = ("load", "preprocess", "network", "inverse", "write")
 CASE_LINE = re.compile(r"^\[\d+/\d+\] (\S.*?): ([\d.]+) s(?: score [\d.]+)?(?: \((.*) s\))?$", re.M)
@@ -100,7 +100,7 @@ def run_inference(bundle: Path, dataset: str, cases: Path, out: Path, models: Pa
 
 def io_floor(scan: Path, pixel_map: Path, out_dir: Path) -> dict:
     """Seconds to read ``scan`` as the bundle's reader does (ISA-L, C-ordered) and to write ``pixel_map``'s stored
-    values again as the bundle stores them (uint16 with its slope, ISA-L), with no other work."""
+    values again as the bundle stored them (its data type and slope, ISA-L), with no other work."""
     stored = nib.load(pixel_map)
     values = np.asanyarray(stored.dataobj.get_unscaled())  # as the writer hands them to nibabel (not timed)
     start = time.perf_counter()
@@ -127,12 +127,13 @@ def map_dtypes(data_dir: Path, float32_maps: Path, out_dir: Path) -> dict:
             values = np.ascontiguousarray(np.asanyarray(nib.load(float32_maps / scan.name).dataobj, dtype=np.float32))
             start = time.perf_counter()
             if dtype == "nibabel_default":
+                fast = fast_gzip_in_use()
                 use_fast_gzip(False)
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
                     nib.save(nib.Nifti1Image(values, nib.load(scan).affine), folder / scan.name)
                 finally:
-                    use_fast_gzip(True)
+                    use_fast_gzip(fast)
             else:
                 case = {"name": scan.name, "image_path": str(scan), "error": "", "pred": torch.from_numpy(values)[None]}
                 WritePixelMapd(output_dir=folder, dtype=dtype)(case)
@@ -143,7 +144,7 @@ def map_dtypes(data_dir: Path, float32_maps: Path, out_dir: Path) -> dict:
     reference = evaluate(data_dir, float32_maps, "pixel")["average_precision"]
     for entry in result.values():
         entry["ap_change"] = None if reference is None else entry["pixel_ap"] - reference
-    default = result[PIXEL_MAP_DTYPES[0]]["write_seconds"]
+    default = result[DEFAULT_PIXEL_MAP_DTYPE]["write_seconds"]
     result["write_to_nibabel_default"] = default / result["nibabel_default"]["write_seconds"]
     return result
 

@@ -8,7 +8,7 @@ network and the preprocessing follow the models' own plan), parsed once by
     (LoadImaged, preprocessing)    as its evaluator runs them          -> OUT/sample/<name>.txt, the map
                                                                        -> OUT/pixel/<name>
 
-The anomaly map is written by the bundle's own writer, as the bundle writes it (uint16 with scale slope 1/65535 by
+The anomaly map is written by the bundle's own writer, as the bundle writes it (float16 values in a float32 NIfTI by
 default; the SDK's MonaiBundleInferenceOperator would cast image outputs to uint8).
 """
 

@@ -20,9 +20,9 @@
 #                    (e.g. after `make train ... ARGS="--folds 0"`); default: such a models folder is an error
 #   MOOD_DRY_RUN=1   print the command and its environment, run nothing (the image build uses it as a check)
 #
-# Exit code: 0 when every scan has its output (a failed case in sample mode gets the fallback score and counts as
-# written), 3 when some scans have none (pixel mode: unreadable scans), other non-zero codes for errors that
-# stopped the run (bad arguments, missing models).
+# Exit code: 0 when every scan has its outputs (a failed case gets the fallback score, which counts as written),
+# 3 when some scans lack one (pixel and both modes: the map of an unreadable scan), other non-zero codes for errors
+# that stopped the run (bad arguments, missing models).
 set -euo pipefail
 
 usage() {
@@ -151,8 +151,9 @@ if [[ $rc -eq 3 ]]; then
     shopt -s nullglob nocaseglob
     for scan in "$input"/*.nii.gz "$input"/*.nii; do
         name=$(basename -- "$scan")
-        [[ $mode == sample || -f "$output/$name" ]] || missing=$((missing + 1))
-        [[ $mode == pixel || -f "$output/$name.txt" ]] || missing=$((missing + 1))
+        if [[ ($mode != sample && ! -f "$output/$name") || ($mode != pixel && ! -f "$output/$name.txt") ]]; then
+            missing=$((missing + 1))
+        fi
     done
     shopt -u nullglob nocaseglob
     if [[ $missing -eq 0 ]]; then

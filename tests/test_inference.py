@@ -49,11 +49,11 @@ def test_pixel_maps_are_on_the_input_grid_and_in_unit_range(normal_scans, tmp_pa
     for path in inputs:
         source, written = nib.load(path), nib.load(out / path.name)
         assert written.shape == source.shape and np.allclose(written.affine, source.affine)
-        # the default: round(65535 p) as uint16 with scale slope 1/65535
-        assert written.get_data_dtype() == np.uint16
-        assert written.dataobj.slope == pytest.approx(1 / 65535) and written.dataobj.inter == 0
+        # the default: the map rounded to float16, in a float32 file without scaling
+        assert written.get_data_dtype() == np.float32 and written.dataobj.slope == 1 and written.dataobj.inter == 0
         values = np.asanyarray(written.dataobj)
-        assert values.min() >= 0 and values.max() <= 1 + 1e-6 and values.std() > 0
+        assert np.array_equal(values, values.astype(np.float16).astype(np.float32))
+        assert values.min() >= 0 and values.max() <= 1 and values.std() > 0
     assert f"[{len(inputs)}/{len(inputs)}]" in result.stdout
     assert f"summary: {len(inputs)} done, 0 failed" in result.stdout
     # where the time went, per case, in the order the stages run
@@ -64,7 +64,7 @@ def test_pixel_maps_are_on_the_input_grid_and_in_unit_range(normal_scans, tmp_pa
 
 def test_both_mode_writes_the_pixel_and_sample_outputs_of_one_pass(normal_scans, tmp_path):
     """``--mode both``: the maps of ``--mode pixel`` and the scores of ``--mode sample`` from one pass per case;
-    the maps as uint16 (the default) differ from the float32 ones by at most half a step of 1/65535."""
+    the maps as stored by default are the float32 ones rounded to float16, and as uint16 within half a step."""
     models = write_models(tmp_path / "models", "brain", [0, 1])
     inputs = sorted(normal_scans["brain"].glob("*.nii.gz"))
     infer("brain", normal_scans["brain"], tmp_path / "pixel", "pixel", models, True, "--pixel_map_dtype", "float32")
@@ -80,8 +80,9 @@ def test_both_mode_writes_the_pixel_and_sample_outputs_of_one_pass(normal_scans,
         assert f"{path.name}: " in result.stdout and f"score {float(score):.4f}" in result.stdout
         float32 = nib.load(tmp_path / "pixel" / path.name)
         assert float32.get_data_dtype() == np.float32
-        uint16 = np.asanyarray(nib.load(tmp_path / "both" / path.name).dataobj)
-        assert np.abs(uint16 - np.asanyarray(float32.dataobj)).max() <= 0.5 / 65535 + 1e-7
+        exact = np.asanyarray(float32.dataobj)
+        stored = np.asanyarray(nib.load(tmp_path / "both" / path.name).dataobj)
+        assert np.array_equal(stored, exact.astype(np.float16).astype(np.float32))
     # the maps never replace the scans, whichever folder the scores go to
     same = infer("brain", normal_scans["brain"], tmp_path / "elsewhere", "both", models, False,
                  "--pixel_output_dir", str(normal_scans["brain"]))

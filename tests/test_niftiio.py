@@ -5,15 +5,17 @@ pixel writer's uint16 maps keep MOOD's AP."""
 from __future__ import annotations
 
 import gzip
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import NibabelReader
+from nibabel.filebasedimages import ImageFileError
 
 from scripts.evaluate import count_metrics, float16_bin_counts
-from scripts.niftiio import ContiguousNibabelReader, fast_gzip_in_use, reverse_axes, use_fast_gzip
+from scripts.niftiio import ContiguousNibabelReader, fast_gzip_in_use, read_tolerantly, reverse_axes, use_fast_gzip
 from scripts.postprocessing import WritePixelMapd
 
 
@@ -66,30 +68,90 @@ def test_contiguous_reader_gives_monai_reader_array_and_metadata(tmp_path, dtype
     assert np.array_equal(meta["affine"], monai_meta["affine"]) and meta.keys() == monai_meta.keys()
 
 
-def test_uint16_maps_keep_moods_average_precision(tmp_path):
-    """A map written as uint16 (scale slope 1/65535) differs from its float32 values by at most half a step, and
-    MOOD's AP (maps read as float16) moves by far less than 1e-4; NaN and values outside [0, 1] are cleaned."""
+@pytest.mark.parametrize("background", [-4.0, -9.0], ids=["p~2e-2", "p~1e-4"])
+def test_stored_maps_and_moods_average_precision(tmp_path, background):
+    """As MOOD's evaluator reads them (float16): a float16-stored map is exactly the float32 map (the same counts
+    per score bin, the same AP); a uint16 one is within half a step of 1/65535, which merges the tiny
+    probabilities float16 keeps apart, so its AP may move. NaN and values outside [0, 1] are cleaned."""
     rng = np.random.default_rng(2)
     shape = (40, 36, 30)
     label = np.zeros(shape, bool)
     label[10:20, 8:18, 5:15] = True
-    logits = rng.normal(-4.0, 1.5, shape) + 3.5 * label  # most voxels near 0, where uint16 is coarser than float16
+    logits = rng.normal(background, 1.5, shape) + 3.5 * label
     prob = torch.sigmoid(torch.from_numpy(logits)).float()
     source = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.diag([1.2, 1.0, 0.8, 1.0])), source)
     case = {"name": "scan.nii.gz", "image_path": str(source), "error": ""}
     maps = {}
-    for dtype in ("float32", "uint16"):
+    for dtype in ("float32", "float16", "uint16"):
         dirty = prob.clone()[None]
         dirty[0, 0, 0, 0], dirty[0, 1, 0, 0], dirty[0, 2, 0, 0] = float("nan"), 1.5, -0.5
         WritePixelMapd(output_dir=tmp_path / dtype, dtype=dtype)({**case, "pred": dirty})
         written = nib.load(tmp_path / dtype / "scan.nii.gz")
-        assert written.get_data_dtype() == np.dtype(dtype) and np.allclose(written.affine, nib.load(source).affine)
+        assert written.get_data_dtype() == np.dtype("uint16" if dtype == "uint16" else "float32")
+        assert np.allclose(written.affine, nib.load(source).affine)
         maps[dtype] = np.asanyarray(written.dataobj)
         assert maps[dtype][0, 0, 0] == 0 and maps[dtype][1, 0, 0] == pytest.approx(1) and maps[dtype][2, 0, 0] == 0
     assert np.array_equal(maps["float32"][3:], prob.numpy()[3:])
+    assert np.array_equal(maps["float16"], maps["float32"].astype(np.float16).astype(np.float32))
     assert np.abs(maps["uint16"] - maps["float32"]).max() <= 0.5 / 65535 + 1e-7
-    ap = {k: count_metrics(*float16_bin_counts(v, label)[:2])["average_precision"] for k, v in maps.items()}
-    assert 0.3 < ap["float32"] < 0.99 and abs(ap["uint16"] - ap["float32"]) < 1e-4
+    counts = {k: float16_bin_counts(v, label)[:2] for k, v in maps.items()}
+    assert all(np.array_equal(a, b) for a, b in zip(counts["float16"], counts["float32"]))
+    ap = {k: count_metrics(*c)["average_precision"] for k, c in counts.items()}
+    assert 0.05 < ap["float32"] < 0.99 and ap["float16"] == ap["float32"]
     with pytest.raises(ValueError, match="dtype must be one of"):
-        WritePixelMapd(dtype="float16")
+        WritePixelMapd(dtype="float64")
+
+
+@pytest.mark.parametrize("damage", ["trailing_bytes", "bad_checksum"])
+def test_a_stream_isal_refuses_is_read_with_zlib(tmp_path, damage):
+    """zlib reads only the bytes an image needs; ISA-L also checks what follows: such a file reads as before."""
+    volume = np.random.default_rng(3).normal(size=(12, 10, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "good.nii.gz")
+    raw = bytearray((tmp_path / "good.nii.gz").read_bytes())
+    if damage == "trailing_bytes":
+        raw += b"not gzip" * 10
+    else:
+        raw[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    (tmp_path / "scan.nii.gz").write_bytes(bytes(raw))
+    def read():
+        reader = ContiguousNibabelReader()
+        return reader.get_data(reader.read(str(tmp_path / "scan.nii.gz")))[0]
+
+    with pytest.raises((OSError, ImageFileError)):  # ISA-L's own reader refuses it
+        read()
+    assert np.array_equal(read_tolerantly(read, "scan.nii.gz"), volume)
+    assert fast_gzip_in_use()  # other threads and later reads keep ISA-L
+    (tmp_path / "scan.nii.gz").write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises((OSError, ImageFileError, EOFError)):  # a stream zlib cannot read either still fails
+        read_tolerantly(read)
+
+
+def test_prefetching_loader_loads_one_case_ahead_and_raises_its_errors():
+    from scripts.inference import PrefetchingDataLoader
+
+    class Cases(torch.utils.data.Dataset):
+        def __init__(self, failing: int | None = None):
+            self.failing, self.loaded = failing, []
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, index):
+            if index == self.failing:
+                raise RuntimeError(f"case {index} cannot be collated")
+            self.loaded.append(index)
+            return {"index": index}
+
+    cases = Cases()
+    seen = []
+    for batch in PrefetchingDataLoader(cases, batch_size=1):
+        index = int(batch["index"][0])
+        time.sleep(0.05)  # scoring it: the loader meanwhile loads the next case, and no further
+        assert cases.loaded[-1] == min(index + 1, 4) and len(cases.loaded) <= index + 2
+        seen.append(index)
+    assert seen == [0, 1, 2, 3, 4]
+    failing = Cases(failing=3)
+    with pytest.raises(RuntimeError, match="case 3 cannot"):  # not a silently shorter run
+        for _ in PrefetchingDataLoader(failing, batch_size=1):
+            pass

@@ -116,4 +116,14 @@ def test_run_scripts_exit_code_says_whether_every_scan_has_its_output(normal_sca
     assert [p.name for p in (tmp_path / "pixel").iterdir()] == [good.name]
     same = run("run_pixel_brain.sh", inputs)
     assert same.returncode != 0 and "the output folder is the input folder" in same.stderr
+    # the scripts' body for both tasks in one pass: the score files of the sample script and the map of the pixel one
+    both = subprocess.run(["bash", str(ROOT / "docker" / "run_mood.sh"), "both", "brain", str(inputs),
+                           str(tmp_path / "both")], env=env, capture_output=True, text=True, timeout=600)
+    assert both.returncode == 3 and "1 scans have no output" in both.stderr, both.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == sorted(
+        [good.name, f"{good.name}.txt", "corrupt.nii.gz.txt"])
+    for name in (f"{good.name}.txt", "corrupt.nii.gz.txt"):
+        assert (tmp_path / "both" / name).read_text() == (tmp_path / "sample" / name).read_text()
+    assert np.array_equal(np.asanyarray(nib.load(tmp_path / "both" / good.name).dataobj),
+                          np.asanyarray(nib.load(tmp_path / "pixel" / good.name).dataobj))
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before

@@ -41,6 +41,8 @@ CORPUS: dict[str, tuple[str, str]] = {
     "outliers.nii.gz": ("float64 with two voxels at +-1e300", "scored"),
     "gzip_bomb.nii.gz": ("a clean scan followed by 4 GB of gzipped zeros (only the header's claim is read)",
                          "scored"),
+    "trailing_bytes.nii.gz": ("a clean scan followed by bytes that are not gzip (zlib never reads them)", "scored"),
+    "bad_checksum.nii.gz": ("a clean scan whose gzip trailer holds a wrong checksum (zlib never reads it)", "scored"),
     "really_gzipped.nii": ("gzip-compressed despite the .nii name", "scored"),
     "UPPER.NII.GZ": ("an upper-case suffix", "scored"),
     "..nii.gz": ("a name that is nearly all suffix", "scored"),
@@ -116,6 +118,10 @@ def write_hostile_corpus(folder: str | os.PathLike, size: int = 32, seed: int = 
     outliers[3, 3, 3], outliers[4, 4, 4] = 1e300, -1e300
     save(outliers, "outliers.nii.gz")
     (folder / "gzip_bomb.nii.gz").write_bytes(gzip_bomb(nib.Nifti1Image(volume, np.eye(4)).to_bytes()))
+    (folder / "trailing_bytes.nii.gz").write_bytes((folder / "good.nii.gz").read_bytes() + b"padding" * 40)
+    wrong_checksum = bytearray((folder / "good.nii.gz").read_bytes())
+    wrong_checksum[-8] ^= 0xFF  # the CRC-32 of the gzip trailer
+    (folder / "bad_checksum.nii.gz").write_bytes(bytes(wrong_checksum))
     (folder / "really_gzipped.nii").write_bytes((folder / "good.nii.gz").read_bytes())
     (folder / "UPPER.NII.GZ").write_bytes((folder / "good.nii.gz").read_bytes())
     (folder / "..nii.gz").write_bytes((folder / "good.nii.gz").read_bytes())

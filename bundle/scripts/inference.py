@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import torch
+from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 
 from scripts.files import is_scan
+from scripts.niftiio import read_tolerantly
 
-__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "MODES", "RobustDataset", "check_arguments",
+__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "MODES", "PrefetchingDataLoader", "RobustDataset",
+           "check_arguments",
            "describe_error", "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path", "show_usage"]
 
 logger = logging.getLogger(__name__)
@@ -214,9 +219,11 @@ class RobustDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         item = dict(self.data[index])
         try:
-            _check_scan(item[PATH], self.max_voxels)
-            item["image"] = readable_path(item[PATH])
-            out = self.transform(item)
+            def load() -> dict:
+                _check_scan(item[PATH], self.max_voxels)
+                return self.transform({**item, "image": readable_path(item[PATH])})
+
+            out = read_tolerantly(load, item[NAME])
             image = out["image"]
             if not torch.isfinite(torch.as_tensor(image)).all():
                 raise ValueError("non-finite intensities remain after preprocessing")
@@ -224,6 +231,37 @@ class RobustDataset(torch.utils.data.Dataset):
             return out
         except Exception as err:  # MemoryError included: this case fails, the others go on
             return {NAME: item[NAME], PATH: item[PATH], ERROR: describe_error(err)}
+
+
+class PrefetchingDataLoader(DataLoader):
+    """MONAI's ``DataLoader`` that loads the next batch in a background thread while the current one is scored, one
+    batch ahead (so at most two cases are in memory). Unlike MONAI's ``ThreadDataLoader``, whose thread ends the
+    iteration silently when it meets an error, an error in the thread is raised where the batch was asked for: the
+    run stops with it instead of skipping the remaining cases. A thread, not worker processes: those need
+    /dev/shm and short TMPDIR paths for their sockets."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+
+        def load() -> None:
+            try:
+                for batch in batches:
+                    handoff.put(("batch", batch))
+                    handoff.join()  # until it is taken: the next one is loaded while it is scored, not earlier
+                handoff.put(("end", None))
+            except BaseException as err:  # handed to the consumer, which raises it
+                handoff.put(("error", err))
+
+        threading.Thread(target=load, name="case-loader", daemon=True).start()
+        while True:
+            kind, value = handoff.get()
+            handoff.task_done()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
 
 
 class AnomalyInferenceEngine(SupervisedEvaluator):

@@ -16,15 +16,20 @@ is fetched from far away. :func:`reverse_axes` copies slabs a few voxels thick i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 from monai.data import NibabelReader
+from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
-__all__ = ["ContiguousNibabelReader", "fast_gzip_in_use", "reverse_axes", "use_fast_gzip",
+__all__ = ["ContiguousNibabelReader", "fast_gzip_in_use", "read_tolerantly", "reverse_axes", "use_fast_gzip",
            "use_fast_gzip_unless_disabled"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,17 @@ logger = logging.getLogger(__name__)
 # nibabel's own opener for .gz, restored by use_fast_gzip(False)
 _NIBABEL_GZIP = ImageOpener.compress_ext_map[".gz"]
 _ARGUMENTS = ("mode", "compresslevel", "mtime", "keep_open")
+_THREAD = threading.local()  # .zlib: this thread reads with nibabel's own gzip (read_tolerantly)
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _zlib_in_this_thread():
+    _THREAD.zlib = True
+    try:
+        yield
+    finally:
+        _THREAD.zlib = False
 
 
 def _isal_gzip_open(filename: str, mode: str = "rb", compresslevel: int = 1, mtime: int = 0,
@@ -41,6 +57,8 @@ def _isal_gzip_open(filename: str, mode: str = "rb", compresslevel: int = 1, mti
     size, several times faster). ``keep_open`` only matters to indexed_gzip readers."""
     from isal import igzip, isal_zlib
 
+    if getattr(_THREAD, "zlib", False):
+        return _NIBABEL_GZIP[0](filename, mode, compresslevel, mtime, keep_open)
     mode = mode if "b" in mode else f"{mode}b"
     if mode.startswith("r"):
         return igzip.IGzipFile(filename, mode)
@@ -79,18 +97,34 @@ def use_fast_gzip_unless_disabled(variable: str = "MOOD_FAST_GZIP") -> bool:
 
 
 def reverse_axes(tensor: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """``tensor.permute(reversed axes).contiguous()``: a C-ordered copy with the axes in reverse order, which is the
-    same voxels in the other memory order (NIfTI's first-axis-fastest order viewed by torch, or the reverse). On
-    the CPU it is made ``slab`` planes of the first axis at a time (each slab's reads and writes stay within the
-    cache: about 5x faster than one strided copy for 512^3); on a GPU in one go."""
+    """A new C-ordered tensor holding ``tensor.permute(reversed axes)``: the same voxels in the other memory order
+    (NIfTI's first-axis-fastest order viewed by torch, or the reverse). On the CPU it is made ``slab`` planes of the
+    first axis at a time (each slab's reads and writes stay within the cache: about 5x faster than one strided copy
+    for 512^3); on a GPU in one go. Never a view of ``tensor``: the caller may change it in place."""
     order = tuple(reversed(range(tensor.ndim)))
+    out = torch.empty(tuple(reversed(tensor.shape)), dtype=tensor.dtype, device=tensor.device)
     if tensor.device.type != "cpu" or tensor.ndim < 2:
-        return tensor.permute(order).contiguous()
+        return out.copy_(tensor.permute(order))
     tensor = tensor.contiguous()
-    out = torch.empty(tuple(reversed(tensor.shape)), dtype=tensor.dtype)
     for start in range(0, tensor.shape[0], slab):
         out[..., start:start + slab] = tensor[start:start + slab].permute(order)
     return out
+
+
+def read_tolerantly(read: Callable[[], T], name: str = "") -> T:
+    """``read()``, and when it fails while ISA-L is in use, ``read()`` again with nibabel's zlib in this thread.
+    ISA-L reads ahead and checks what follows a gzip stream (its checksum, any bytes after it); zlib reads only the
+    bytes an image needs, so a file nibabel has always read (e.g. with padding after the stream) still reads. A
+    file neither reads raises zlib's error."""
+    try:
+        return read()
+    except (OSError, ImageFileError) as err:  # gzip.BadGzipFile is an OSError; nibabel wraps it when sniffing
+        if not fast_gzip_in_use():
+            raise
+        with _zlib_in_this_thread():
+            result = read()
+        logger.warning("%s: read with zlib (ISA-L refused its gzip stream: %s)", name, err)
+        return result
 
 
 class ContiguousNibabelReader(NibabelReader):

@@ -19,16 +19,20 @@ from monai.transforms import MapTransform
 
 from scripts.files import write_atomically
 from scripts.inference import ERROR, NAME, PATH, readable_path
-from scripts.niftiio import reverse_axes
+from scripts.niftiio import read_tolerantly, reverse_axes
 
-__all__ = ["PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_score"]
+__all__ = ["DEFAULT_PIXEL_MAP_DTYPE", "PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_score"]
 
 logger = logging.getLogger(__name__)
 
-# the data types a pixel map can be written in: uint16 with scale slope 1/65535 (about half the bytes of float32 to
-# compress and write; MOOD's evaluator reads maps as float16 anyway, make bench-inference measures the AP), or
-# float32 (the map's own values)
-PIXEL_MAP_DTYPES = ("uint16", "float32")
+# how a pixel map can be stored (make bench-inference measures each: seconds, size, MOOD's AP):
+# - float16: the map rounded to float16, stored as float32 (NIfTI-1 has no float16). MOOD's evaluator reads maps as
+#   float16, so it sees exactly the float32 map's values (the same AP), and the zeroed low bytes compress well;
+# - uint16: round(65535 p) with scale slope 1/65535: fewer bytes, but below p = 1/64 its step is coarser than
+#   float16's, so maps of mostly tiny probabilities lose some of the AP the evaluator would see;
+# - float32: the map's own values.
+PIXEL_MAP_DTYPES = ("float16", "uint16", "float32")
+DEFAULT_PIXEL_MAP_DTYPE = "float16"
 _UINT16_STEPS = 65535
 
 
@@ -53,9 +57,13 @@ def _plain_tensor(x) -> torch.Tensor:
     return x.detach().float() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
 
 
-def _clean(x: torch.Tensor) -> torch.Tensor:
-    """Probabilities in [0, 1], NaN as 0 (a float copy, so the map stays untouched)."""
-    return torch.nan_to_num(x, nan=0.0).clamp_(0.0, 1.0)
+def _stored_values(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``values`` (probabilities in [0, 1], changed in place) as ``dtype`` stores them (:data:`PIXEL_MAP_DTYPES`)."""
+    if dtype == "uint16":
+        return values.mul_(_UINT16_STEPS).round_().to(torch.uint16)
+    if dtype == "float16":
+        return values.copy_(values.half())
+    return values
 
 
 def _finite_affine(source, pred) -> np.ndarray:
@@ -71,11 +79,12 @@ def _finite_affine(source, pred) -> np.ndarray:
 
 class WritePixelMapd(MapTransform):
     """Writes ``<output_dir>/<input name>``: the anomaly map as a NIfTI with the input file's shape and affine (MOOD
-    pixel task), in ``dtype`` (:data:`PIXEL_MAP_DTYPES`): ``uint16`` stores round(65535 p) with scale slope 1/65535,
-    ``float32`` the probabilities themselves. Expects the map already brought back to the input grid; it is cleaned
-    (NaN to 0, clamped to [0, 1]) and quantised on its own device and copied to the host once."""
+    pixel task), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the probabilities rounded to
+    float16 in a float32 file, ``uint16`` round(65535 p) with scale slope 1/65535, ``float32`` the probabilities
+    themselves. Expects the map already brought back to the input grid; it is put in NIfTI's voxel order, cleaned
+    (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the host once."""
 
-    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", dtype: str = "uint16",
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", dtype: str = DEFAULT_PIXEL_MAP_DTYPE,
                  allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         if dtype not in PIXEL_MAP_DTYPES:
@@ -87,11 +96,11 @@ class WritePixelMapd(MapTransform):
         values = _plain_tensor(pred)
         if values.numel() != int(np.prod(shape)):
             raise ValueError(f"map of shape {tuple(values.shape)} does not fit the input's {shape}")
-        values = _clean(values.reshape(shape))
-        if self.dtype == "uint16":
-            values = values.mul_(_UINT16_STEPS).round_().to(torch.uint16)
-        # NIfTI's voxel order (first axis fastest) made here, on the map's device, not by nibabel voxel by voxel
-        return reverse_axes(values).cpu().numpy().T
+        # NIfTI's voxel order (first axis fastest) made here, on the map's device, not by nibabel voxel by voxel; the
+        # copy it makes is then cleaned and rounded in place
+        values = reverse_axes(values.reshape(shape))
+        values = _stored_values(torch.nan_to_num_(values, nan=0.0).clamp_(0.0, 1.0), self.dtype)
+        return values.cpu().numpy().T
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -99,7 +108,7 @@ class WritePixelMapd(MapTransform):
             logger.error("%s: no pixel map written: %s", d[NAME], d[ERROR])
             _remove_stale(self.output_dir / d[NAME])
             return d
-        source = nib.load(readable_path(d[PATH]))
+        source = read_tolerantly(lambda: nib.load(readable_path(d[PATH])), d[NAME])  # the header only
         for key in self.key_iterator(d):
             try:
                 values = self._host_values(d[key], tuple(source.shape))

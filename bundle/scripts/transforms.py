@@ -425,11 +425,13 @@ class TimedCompose(Compose):
     ``stages`` maps a transform's class name to its stage (e.g. ``{"LoadImaged": "load"}``); the others count as
     ``default_stage``. ``synchronize``: wait for the GPU after each transform, so that its work is counted where it
     was launched (only where the map is on the GPU: the writers copy it to the host anyway). The transforms run as
-    ``Compose`` runs them, not lazily."""
+    ``Compose`` runs them, not lazily; ``start`` and ``end`` count the flattened transforms."""
 
     def __init__(self, transforms=None, stages: Mapping[str, str] | None = None, default_stage: str = "other",
                  timings_key: str = "timings", synchronize: bool = False, **kwargs) -> None:
         super().__init__(transforms, **kwargs)
+        # flattened once: each flatten() makes a new Compose, which would re-seed random transforms on every call
+        self._flat_transforms = self.flatten().transforms
         self.stages = dict(stages or {})
         self.default_stage = default_stage
         self.timings_key = timings_key
@@ -438,7 +440,7 @@ class TimedCompose(Compose):
     def __call__(self, data, start=0, end=None, threading=False, lazy=None):
         timings = {k: float(v) for k, v in (data.get(self.timings_key) or {}).items()}
         sync = self.synchronize and torch.cuda.is_available() and torch.cuda.is_initialized()
-        for transform in self.flatten().transforms[start:end]:
+        for transform in self._flat_transforms[start:end]:
             began = time.perf_counter()
             data = apply_transform(transform, data, self.map_items, self.unpack_items, lazy=False,
                                    overrides=self.overrides, log_stats=self.log_stats)
