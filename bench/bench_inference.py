@@ -200,6 +200,31 @@ def bench_dataset(dataset: str, args, work: Path, reference: Path | None) -> dic
     return result
 
 
+def tables(result: dict) -> str:
+    """The run as Markdown tables: seconds per case against the reference, the stages, the map data types."""
+    lines = ["| dataset | shape | reference: pixel, sample s / case | both s / case | both / (pixel + sample) | "
+             "both / pixel | peak memory: reference pixel, both | I/O floor s | both / floor |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    stage_lines = ["| dataset | " + " | ".join(STAGES) + " |", "| --- |" + " ---: |" * len(STAGES)]
+    dtype_lines = ["| dataset | stored as | write s | MB | pixel AP | AP change |", "| --- | --- |" + " ---: |" * 4]
+    for dataset, entry in result["datasets"].items():
+        both = next(v for k, v in entry.items() if k.startswith("both_"))
+        pixel, sample = entry.get("reference_pixel", {}), entry.get("reference_sample", {})
+        lines.append(
+            f"| {dataset} | {entry['shape'][0]}^3 | {pixel.get('median_seconds_per_case', '-')}, "
+            f"{sample.get('median_seconds_per_case', '-')} | {both['median_seconds_per_case']} | "
+            f"{entry.get('both_to_reference_pixel_plus_sample', float('nan')):.2f} | "
+            f"{entry.get('both_to_reference_pixel', float('nan')):.2f} | {pixel.get('peak_memory_gb', '-')}, "
+            f"{both['peak_memory_gb']} GB | {entry['io_floor_seconds']['total']:.2f} | {both['ratio_to_io']:.1f} |")
+        stages = both["median_stage_seconds"]
+        stage_lines.append(f"| {dataset} | " + " | ".join(f"{stages.get(s, float('nan')):.1f}" for s in STAGES) + " |")
+        for dtype, row in entry.get("map_dtypes", {}).items():
+            if isinstance(row, dict):
+                dtype_lines.append(f"| {dataset} | {dtype} | {row['write_seconds']:.2f} | {row['megabytes']:.1f} | "
+                                   f"{row['pixel_ap']:.6f} | {row['ap_change']:+.1e} |")
+    return "\n".join([*lines, "", *stage_lines, "", *dtype_lines])
+
+
 def main(argv=None) -> dict:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--cases", type=int, default=3, help="toy cases per dataset (half with an anomaly)")
@@ -230,6 +255,7 @@ def main(argv=None) -> dict:
             result["datasets"][dataset] = bench_dataset(dataset, args, work, reference)
             print(json.dumps({dataset: result["datasets"][dataset]}, indent=1), flush=True)
     save_json(result, args.json)
+    print(tables(result), flush=True)
     return result
 
 

@@ -47,7 +47,7 @@ def test_groups_hold_the_right_cases_and_every_method_is_scored(quality):
 def test_pooled_pixel_ap_is_the_mood_evaluators(quality):
     work, result = quality
     for convention in ("mood", "raw"):
-        official = evaluate(work / "data/brain", work / "predictions/brain" / convention / "pixel", "pixel")
+        official = evaluate(work / "data/brain", work / "predictions/brain" / convention, "pixel")
         ours = result["datasets"]["brain"]["methods"][f"bundle_{convention}"]["all"]["pixel_ap"]
         assert ours == pytest.approx(official["average_precision"], abs=1e-9)
 

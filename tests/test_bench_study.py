@@ -40,7 +40,7 @@ def test_each_setting_trains_under_the_budget_with_its_one_knob(study):
         check = brain[setting]["check"]
         assert set(check) == {"bundle_mood", "mood_example", "zscore"}
         assert 0 < check["bundle_mood"]["gorilla"]["pixel_ap"] <= 1
-        assert (work / "32cubed_0.05min" / "check" / "brain" / setting / "predictions/brain/mood/pixel").is_dir()
+        assert (work / "32cubed_0.05min" / "check" / "brain" / setting / "predictions/brain/mood").is_dir()
     assert json.loads((work / "study.json").read_text()) == json.loads(json.dumps(result))
 
 

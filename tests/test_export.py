@@ -152,7 +152,7 @@ def run_inference(input_dir: Path, output_dir: Path, mode: str, models: Path, mo
     # while the ONNX models run on onnxruntime's CPU provider unless its GPU build is installed
     bundle_cli("run", "--meta_file", META, "--bundle_root", "bundle", "--config_file", configs("brain"),
                "--dataset_dir", input_dir, "--output_dir", output_dir, "--mode", mode, "--models_dir", models,
-               "--model_format", model_format, CUDA_VISIBLE_DEVICES="")
+               "--model_format", model_format, "--pixel_map_dtype", "float32", CUDA_VISIBLE_DEVICES="")
 
 
 def test_inference_from_exports_gives_the_same_outputs(models, normal_scans, tmp_path):

@@ -169,7 +169,7 @@ DICT_TRANSFORMS = [
 def test_public_names_and_monai_base_classes():
     assert sorted(transforms_module.__all__) == sorted([
         "FiniteIntensity", "FiniteIntensityd", "IntensityForeground", "IntensityForegroundd",
-        "NormaliseIntensity", "NormaliseIntensityd", "RandSyntheticAnomalyd",
+        "NormaliseIntensity", "NormaliseIntensityd", "RandSyntheticAnomalyd", "TimedCompose",
     ])
     assert all(hasattr(transforms_module, name) for name in transforms_module.__all__)
     assert not hasattr(transforms_module, "ForegroundMaskd")  # the name of an unrelated (Otsu) MONAI transform
@@ -329,3 +329,21 @@ def test_robust_normalisation_of_a_large_grid_samples_its_percentiles():
     clipped = image.clamp(0.005, 0.995)
     expected = (clipped - clipped.mean()) / clipped.std()
     assert torch.allclose(out, expected, atol=1e-3)
+
+
+def test_timed_compose_applies_like_compose_and_sums_seconds_by_stage():
+    from monai.transforms import Compose, Lambdad
+
+    from scripts.transforms import TimedCompose
+
+    class Load(Lambdad):
+        pass
+
+    steps = [Load(keys="x", func=lambda v: v + 1), Compose([Lambdad(keys="x", func=lambda v: v * 3),
+                                                           Lambdad(keys="x", func=lambda v: v - 2)])]
+    timed = TimedCompose(steps, stages={"Load": "load"}, default_stage="preprocess")
+    out = timed({"x": torch.tensor(2.0), "timings": {"load": 1.0}})
+    assert out["x"] == Compose(steps)({"x": torch.tensor(2.0)})["x"] == 7
+    assert set(out["timings"]) == {"load", "preprocess"} and out["timings"]["load"] >= 1.0  # added to what was there
+    assert 0 <= out["timings"]["preprocess"] < 1
+    assert timed({"x": torch.tensor(0.0)}, start=1)["x"] == -2  # start and end count the flattened transforms

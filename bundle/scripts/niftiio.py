@@ -118,13 +118,26 @@ def read_tolerantly(read: Callable[[], T], name: str = "") -> T:
     file neither reads raises zlib's error."""
     try:
         return read()
-    except (OSError, ImageFileError) as err:  # gzip.BadGzipFile is an OSError; nibabel wraps it when sniffing
-        if not fast_gzip_in_use():
+    except Exception as err:
+        cause = _io_cause(err)
+        if cause is None or not fast_gzip_in_use():
             raise
         with _zlib_in_this_thread():
             result = read()
-        logger.warning("%s: read with zlib (ISA-L refused its gzip stream: %s)", name, err)
+        logger.warning("%s: read with zlib (ISA-L refused its gzip stream: %s)", name, cause)
         return result
+
+
+def _io_cause(err: BaseException) -> BaseException | None:
+    """The I/O error behind ``err`` (gzip.BadGzipFile is an OSError; nibabel wraps it in ImageFileError when it
+    sniffs the header, MONAI's transforms in a RuntimeError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (OSError, ImageFileError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class ContiguousNibabelReader(NibabelReader):
