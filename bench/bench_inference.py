@@ -17,9 +17,10 @@ of this checkout's cases (load, preprocess, network, inverse, write: its progres
 resident memory, and in the same process the pure I/O floor of a case: reading the scan as the bundle's reader
 does and writing its map's stored values again, both with the bundle's I/O (ISA-L gzip). The reference's float32
 maps are written again by the bundle's writer in each data type it offers and by nibabel's default (the float32
-map through zlib): seconds, size and MOOD's pixel AP of each (what chose float16). It checks that the outputs did
-not change: every score equal to the reference's to 1e-5 and MOOD's pixel and sample AP equal to 1e-4
-(``scripts.evaluate``). Results go to ``--json`` (default ``bench/results/inference.json``).
+map through zlib): seconds, size and MOOD's pixel AP of each (what chose float16). It reports how far the outputs
+moved against the reference's (the largest score and voxel changes, and MOOD's pixel and sample AP change, by
+``scripts.evaluate``) next to ``TARGETS``; it records, it does not fail. Results go to ``--json`` (default
+``bench/results/inference.json``).
 """
 
 from __future__ import annotations

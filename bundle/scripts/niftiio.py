@@ -5,8 +5,8 @@ torch's (last axis fastest) made in cache-sized blocks.
 nibabel chooses a file's opener by its suffix from ``ImageOpener.compress_ext_map``, the hook nibabel documents for
 other compressors; :func:`use_fast_gzip` puts ISA-L's gzip file there. The files stay standard gzip streams (any
 zlib, nibabel, ITK-SNAP or 3D Slicer reads them) and are as deterministic as nibabel's own (no file name, time 0).
-ISA-L compresses a MOOD 512^3 map several times faster than zlib at about the same size, and decompresses about
-twice as fast (``make bench-inference`` measures the writers). Importing ``scripts`` calls it, so every
+ISA-L compresses a MOOD 512^3 map several times faster than zlib at about the same size (``make bench-inference``
+measures the writers) and decompresses faster too. Importing ``scripts`` calls it, so every
 workflow, the evaluation and the tools use it; ``MOOD_FAST_GZIP=0`` keeps nibabel's own.
 
 Reordering a 512^3 volume with NumPy (``np.ascontiguousarray``, as MONAI's reader does) takes seconds: every voxel
@@ -99,8 +99,9 @@ def use_fast_gzip_unless_disabled(variable: str = "MOOD_FAST_GZIP") -> bool:
 def reverse_axes(tensor: torch.Tensor, slab: int = 16) -> torch.Tensor:
     """A new C-ordered tensor holding ``tensor.permute(reversed axes)``: the same voxels in the other memory order
     (NIfTI's first-axis-fastest order viewed by torch, or the reverse). On the CPU it is made ``slab`` planes of the
-    first axis at a time (each slab's reads and writes stay within the cache: about 5x faster than one strided copy
-    for 512^3); on a GPU in one go. Never a view of ``tensor``: the caller may change it in place."""
+    first axis at a time (each slab's reads and writes stay within the cache, where one strided copy of a 512^3
+    volume fetches every voxel from far away); on a GPU in one go. Never a view of ``tensor``: the caller may change
+    it in place."""
     order = tuple(reversed(range(tensor.ndim)))
     out = torch.empty(tuple(reversed(tensor.shape)), dtype=tensor.dtype, device=tensor.device)
     if tensor.device.type != "cpu" or tensor.ndim < 2:
