@@ -4,15 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
+# MONAI's notice that a bundle config is trusted code (the bundle's own are), by name: scripts/__init__.py
+export PYTHONWARNINGS := ignore:parsing config_file:UserWarning:monai.bundle.scripts
 
 help:
 	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
-	@echo '     report IN=... PRED=... | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
+	@echo '     report IN=... PRED=... | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
 	@echo '     demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package'
 	@echo '     docker-setup | docker-image | docker-test | clean'
 	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
 
-.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -28,11 +30,15 @@ inference_configs = ['bundle/configs/common.yaml','bundle/configs/inference.yaml
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: the CPU build lies on this machine's disk; an unpinned torch pulls CUDA.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "setup: $(VENV): the virtual environment (pyproject.toml changed or first run)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first and pinned: the CPU build lies on this machine's disk; an unpinned torch pulls CUDA.
+	@echo "setup: installing torch 2.13.0 (the CPU build)"
+	@$(PY) -m pip install --quiet torch==2.13.0
+	@echo "setup: installing the pinned dependencies of pyproject.toml (MONAI, Ignite, nibabel, ...; about 2 min the first time)"
+	@$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+	@echo "setup: done ($(VENV))"
 
 # the tests on every core (pytest-xdist; PYTEST_JOBS=0 runs them in this process); a module's tests share a
 # worker, so its module-scoped fixtures (a trained study, a quality run) are made once; session-scoped ones are
@@ -122,11 +128,18 @@ infer: setup
 evaluate: setup
 	$(PY) -m scripts.evaluate --data_dir "$(DATA)" --pred_dir "$(PRED)" --mode $(MODE)
 
-# `make report IN=<MOOD-layout dataset folder> PRED=<predictions (pixel maps and/or .txt scores)> [OUT=report]`
+# `make report IN=<folder of scans, or a MOOD-layout dataset folder> PRED=<inference output folder> [OUT=report]
+# [ARGS="--modality ct --max_views 20"]`: OUT/report.html, the worklist by score (flags and thresholds from
+# PRED/scores.csv when there), three views per case and, with labels, AP and AUROC (tools/report.py)
+report_out = $(if $(filter runs,$(OUT)),report,$(OUT))
 report: setup
-	@test -n "$(IN)" -a -n "$(PRED)" || (echo "usage: make report IN=<dataset folder> PRED=<predictions> [OUT=...]"; exit 2)
-	$(PY) -m tools.report --data_dir "$(IN)" --pixel_dir "$(PRED)" --sample_dir "$(PRED)" \
-		--output_dir "$(if $(filter runs,$(OUT)),report,$(OUT))"
+	@test -n "$(IN)" -a -n "$(PRED)" || (echo "usage: make report IN=<folder of scans or dataset folder> PRED=<predictions> [OUT=...]"; exit 2)
+	$(PY) -m tools.report --input "$(IN)" --pred "$(PRED)" --output_dir "$(report_out)" $(ARGS)
+
+# `make report-check [OUT=report]`: OUT/report.html in headless Chromium (a screenshot beside it; the page fits a
+# 1400 px window, every image decodes, slices >= 300 px); needs a chromium binary (apt-get install -y chromium)
+report-check: setup
+	$(PY) -m tools.report_screenshot --report "$(report_out)/report.html"
 
 # `make bench-inference [ARGS="--cases 3 --datasets brain abdom"]`: MOOD-sized toy cases through the previous
 # release's pixel and sample runs and this checkout's one pass for both: seconds per case and per stage, the pure
@@ -202,7 +215,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.8.0
+MAP_TAG ?= mood-anomaly:0.9.0
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

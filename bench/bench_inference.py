@@ -55,8 +55,9 @@ from tools.toy_data import write_toy_dataset  # noqa: E402
 
 # 0.7.1, the last release before `--mode both`, float16 maps and ISA-L
 DEFAULT_REFERENCE = "9e78e34"
-STAGES = ("load", "preprocess", "network", "inverse", "write")
-CASE_LINE = re.compile(r"^\[\d+/\d+\] (\S.*?): ([\d.]+) s(?: score [\d.]+)?(?: \((.*) s\))?$", re.M)
+STAGES = ("load", "preprocess", "network", "summarise", "inverse", "write")
+CASE_LINE = re.compile(r"^\[\d+/\d+\] (\S.*?): ([\d.]+) s(?: score [\d.]+)?(?: FLAGGED)?(?: \((.*?) s\))?"
+                       r"(?:; .* left)?$", re.M)
 TARGETS = {"brain_both_to_reference": 0.6, "abdom_both_to_reference_pixel": 0.6, "write_to_nibabel": 0.3,
            "peak_memory_gb_512": 3.0, "gpu_ratio_to_io": 1.2, "ap_change": 1e-4, "score_change": 1e-5}
 

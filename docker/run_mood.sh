@@ -18,6 +18,8 @@
 #                    e.g. runs/models after `make train`
 #   MOOD_ALLOW_PARTIAL_ENSEMBLE=1  score with the folds there are when some of the plan's folds are missing
 #                    (e.g. after `make train ... ARGS="--folds 0"`); default: such a models folder is an error
+#   MOOD_WORKLIST=1  also write output_folder/scores.csv, the worklist (one row per scan: score, flagged, where
+#                    the map peaks); default: only MOOD's files
 #   MOOD_DRY_RUN=1   print the command and its environment, run nothing (the image build uses it as a check)
 #
 # Exit code: 0 when every scan has its outputs (a failed case gets the fallback score, which counts as written),
@@ -97,6 +99,9 @@ cmd=("$python" -m monai.bundle run
     --bundle_root "$bundle"
     --config_file "['$bundle/configs/common.yaml','$bundle/configs/inference.yaml','$bundle/configs/$dataset.yaml']"
     --dataset_dir "$input" --output_dir "$output" --mode "$mode")
+if [[ "${MOOD_WORKLIST:-0}" != 1 ]]; then
+    cmd+=(--worklist "")    # MOOD's files only
+fi
 if [[ -n "${MOOD_MODELS_DIR:-}" ]]; then
     [[ -d "$MOOD_MODELS_DIR" ]] || die "MOOD_MODELS_DIR '$MOOD_MODELS_DIR' is not a folder"
     cmd+=(--models_dir "$(cd "$MOOD_MODELS_DIR" && pwd)")
@@ -123,6 +128,8 @@ export NILEARN_DATA="$tmp/data/nilearn" NILEARN_SHARED_DATA="$tmp/data/nilearn"
 # scikit-learn from source cost 8-12 s more per run (measured 4.4-5.5 s vs 12.8-16.3 s).
 export PYTHONDONTWRITEBYTECODE=1 PYTHONNOUSERSITE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$bundle"    # the bundle's code is imported as `scripts` (MONAI bundle convention)
+# MONAI's notice that a bundle config is trusted code (this one is), by name (scripts.MONAI_CONFIG_NOTICE_FILTER)
+export PYTHONWARNINGS="ignore:parsing config_file:UserWarning:monai.bundle.scripts"
 cd "$tmp"    # stray relative writes land in the temporary folder too
 
 echo "run_mood: $mode/$dataset: $input -> $output"

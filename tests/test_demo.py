@@ -17,4 +17,7 @@ def test_demo_writes_a_report_and_prints_its_path_last(default_models, tmp_path,
     for dataset in ("brain", "abdom"):
         assert 0.0 <= summary[dataset]["pixel_ap"] <= 1.0 and 0.0 <= summary[dataset]["sample_ap"] <= 1.0
         predictions = sorted(p.name for p in (tmp_path / "demo" / "predictions" / dataset).iterdir())
-        assert predictions == ["toy_0.nii.gz", "toy_0.nii.gz.txt", "toy_1.nii.gz", "toy_1.nii.gz.txt"]
+        assert predictions == ["scores.csv", "toy_0.nii.gz", "toy_0.nii.gz.txt", "toy_1.nii.gz", "toy_1.nii.gz.txt"]
+    # the summary is a table with rounded numbers, not JSON; one top heading per dataset
+    assert "<th>pixel AP</th>" in text and "{" not in text.split("<section>")[0]
+    assert text.count("<h1") == 2

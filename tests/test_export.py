@@ -163,10 +163,10 @@ def test_inference_from_exports_gives_the_same_outputs(models, normal_scans, tmp
     maps, scores = {}, {}
     for fmt in ("pytorch", "torchscript", "onnx"):
         run_inference(inputs, tmp_path / fmt, "pixel", models, fmt)
-        maps[fmt] = np.stack([np.asanyarray(nib.load(p).dataobj) for p in sorted((tmp_path / fmt).iterdir())])
+        maps[fmt] = np.stack([np.asanyarray(nib.load(p).dataobj) for p in sorted((tmp_path / fmt).glob("*.nii.gz"))])
     for fmt in ("pytorch", "onnx"):
         run_inference(inputs, tmp_path / f"{fmt}_sample", "sample", models, fmt)
-        scores[fmt] = np.array([float(p.read_text()) for p in sorted((tmp_path / f"{fmt}_sample").iterdir())])
+        scores[fmt] = np.array([float(p.read_text()) for p in sorted((tmp_path / f"{fmt}_sample").glob("*.txt"))])
     assert maps["pytorch"].shape[0] == 3 and maps["pytorch"].std() > 0
     for fmt in ("torchscript", "onnx"):
         np.testing.assert_allclose(maps[fmt], maps["pytorch"], atol=TOLERANCE, rtol=0)

@@ -192,6 +192,11 @@ def test_shipped_models_carry_their_plan(dataset):
     assert (plan["normalisation"]["fingerprint"] is not None) == (dataset == "abdom")
     text = "".join(p.read_text() for p in (ROOT / "bundle/models" / dataset).glob("*.json"))
     assert "/work/" not in text and "/tmp/" not in text and "/home/" not in text
+    # measured with these very weights, so inference flags scans with them
+    from scripts.calibration import operating_point
+
+    point = operating_point(plan, ROOT / "bundle/models", dataset, 0.05, 0.001)
+    assert 0 < point["sample_threshold"] < 1 and 0 < point["voxel_threshold"] < 1
 
 
 def test_check_properties_of_both_workflows(normal_scans, tmp_path):

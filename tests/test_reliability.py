@@ -19,21 +19,24 @@ import torch
 
 from conftest import write_models
 from scripts import files
-from scripts.files import bundle_configs, write_atomically
+from scripts.files import bundle_configs, is_scan, write_atomically
 from scripts.inference import describe_error
 from scripts.transforms import NormaliseIntensity
+from scripts.worklist import read_worklist
 from tools.hostile_inputs import LONG_NAME, claim_header, nan_sform_nii
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
 
 
-def infer(input_dir: Path, output_dir: Path, mode: str, models: Path) -> subprocess.CompletedProcess:
+def infer(input_dir: Path, output_dir: Path, mode: str, models: Path,
+          worklist: Path | str = "") -> subprocess.CompletedProcess:
+    """A bundle inference run; ``worklist``: where scores.csv goes ("" none: the output folder holds MOOD's files)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
     command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json",
                "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", "brain")),
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", mode,
-               "--models_dir", str(models)]
+               "--models_dir", str(models), "--worklist", str(worklist)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -88,10 +91,17 @@ def test_pixel_task_isolates_every_case_and_never_writes_to_the_input(hostile, t
 def test_sample_task_survives_a_writer_failure(hostile, tmp_path):
     models = write_models(tmp_path / "models", "brain", [0], **TINY)
     before = digest(hostile)
-    result = infer(hostile, tmp_path / "sample", "sample", models)
+    result = infer(hostile, tmp_path / "sample", "sample", models, worklist=tmp_path / "scores.csv")
     log = result.stdout + result.stderr
     assert result.returncode == 3, log[-4000:]
     written = {p.name: float(p.read_text()) for p in (tmp_path / "sample").iterdir()}
+    # the worklist has a row for every case, the failed ones with their reason, even the one without a score file
+    rows = {r["name"]: r for r in read_worklist(tmp_path / "scores.csv")}
+    assert set(rows) == {p.name for p in hostile.iterdir() if is_scan(p)}
+    failed = {n for n, r in rows.items() if r["status"] == "failed"}
+    assert failed == {"huge_claim.nii.gz", "truncated.nii", "gone.nii.gz", LONG_NAME}
+    assert all(rows[n]["reason"] for n in failed) and "File name too long" in rows[LONG_NAME]["reason"]
+    assert rows["huge_claim.nii.gz"]["sample_score"] == "1.000000" and rows[LONG_NAME]["sample_score"] == ""
     # every case but the one whose score file name is too long has its score; the unreadable ones the fallback
     scored = ("good.nii.gz", "nan_sform.nii", "huge_claim.nii.gz", "truncated.nii", "tiny_scale.nii.gz",
               "really_gzipped.nii", "gone.nii.gz", "slab.nii.gz")
@@ -281,8 +291,9 @@ def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-ARGPARSE_ENTRY_POINTS = ["scripts.training", "scripts.plans", "scripts.evaluate", "scripts.export", "tools.demo",
-                         "tools.report", "tools.preview", "tools.phantoms", "tools.toy_data", "tools.hostile_inputs"]
+ARGPARSE_ENTRY_POINTS = ["scripts.training", "scripts.plans", "scripts.calibration", "scripts.evaluate",
+                         "scripts.export", "tools.demo", "tools.report", "tools.preview", "tools.phantoms",
+                         "tools.toy_data", "tools.hostile_inputs"]
 
 
 @pytest.mark.parametrize("module", ARGPARSE_ENTRY_POINTS)

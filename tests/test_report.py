@@ -1,7 +1,13 @@
-"""The HTML report: self-contained, one entry per case, AP table equal to evaluate.py, CLI output."""
+"""The HTML report: with labels (AP table equal to evaluate.py, one entry per case) and without (a plain folder of
+scans: the worklist by score with flags and thresholds from scores.csv, failed and missing cases), self-contained,
+slices of at least 300 px with orientation letters that follow the affine, display windows, one-line errors, and
+the page in headless Chromium when one is installed."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 import os
 import re
@@ -12,16 +18,59 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage as ndi
 
 from scripts.evaluate import evaluate
-from tools.report import fmt_metric, write_report
+from tools.report import (
+    MIN_PANEL_WIDTH,
+    THRESHOLD_COLOUR,
+    display_window,
+    fmt_metric,
+    main,
+    read_scores_csv,
+    write_report,
+)
 from tools.toy_data import write_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TOY = 6
+SIDE = 24
+COLUMNS = ["name", "source", "series_uid", "status", "reason", "sample_score", "flag_fpr", "sample_threshold",
+           "flagged", "map_max", "max_x_mm", "max_y_mm", "max_z_mm", "voxel_fpr", "voxel_threshold",
+           "volume_above_ml", "seconds", "an_extra_column"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "bundle"), str(ROOT)]), MPLBACKEND="Agg")
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.report", *args], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=300)
+
+
+def _slices(text: str) -> list[dict]:
+    """The slice images of a report: their HTML size and their decoded PNG."""
+    out = []
+    for match in re.finditer(r"<div class='slice'[^>]*><img alt='([^']*)' src='data:image/png;base64,([^']+)' "
+                             r"width='(\d+)' height='(\d+)'>(.*?)</div>", text):
+        png = Image.open(io.BytesIO(base64.b64decode(match.group(2))))
+        letters = dict(re.findall(r"<span class='o (\w)'>(\w)</span>", match.group(5)))
+        out.append({"alt": match.group(1), "width": int(match.group(3)), "height": int(match.group(4)),
+                    "png": np.asarray(png.convert("RGB")), "letters": letters})
+    return out
+
+
+def _assert_self_contained(text: str) -> None:
+    assert not re.search(r"""src\s*=\s*["'](?!data:)""", text)  # every image embedded
+    assert not re.search(r"""href\s*=\s*["'](?!#)""", text)  # links only within the page
+    assert "http" not in text and "<script" not in text and "<link" not in text
+
+
+def _assert_unique_headings(text: str) -> None:
+    headings = re.findall(r"<h([12])>(.*?)</h\1>", text)
+    assert len(headings) == len(set(headings)) and sum(1 for level, _ in headings if level == "1") == 1
+
+
+# --------------------------------------------------------------------------------------------- with labels
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
@@ -47,13 +96,13 @@ def test_report_html(dataset, tmp_path):
     path = write_report(data, pixel, sample, output_dir=tmp_path / "out", title="toy report", seconds_per_case=1.5)
     text = path.read_text()
     assert path.is_file() and path.suffix == ".html"
-    # self-contained: embedded images only, no external references
-    assert text.count("data:image/png;base64,") == N_TOY + 1
-    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", text)
-    assert "http" not in text
+    _assert_self_contained(text)
+    _assert_unique_headings(text)
+    # three slices per case and the precision-recall curves, all embedded
+    assert text.count("data:image/png;base64,") == 3 * N_TOY + 1
     # one entry per case, with kinds from anomalies.json
     meta = json.loads((data / "toy_label" / "anomalies.json").read_text())["cases"]
-    assert text.count("<div class='case'") == N_TOY
+    assert text.count("<div class='case") == N_TOY
     for name in meta:
         assert f"data-case='{name}'" in text
     # overall AP and AUROC equal evaluate.py's
@@ -74,18 +123,329 @@ def test_report_html(dataset, tmp_path):
         n_kind = sum(1 for c in meta.values() if c["label"] and kind in c["kinds"])
         assert re.findall(r"<td>(.*?)</td>", row)[1] == str(n_kind + n_normal)
     assert "1.50 s per case" in text
-    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert len(pngs) == N_TOY + 1 and all((tmp_path / "out" / p).stat().st_size < 200_000 for p in pngs)
+    # the summary is a table, not JSON; the worklist is sorted by score and carries the labels
+    assert "<table class='summary'>" in text and "{&quot;" not in text and '{"' not in text
+    scores = {c["case"][:-4]: c["score"] for c in ev_sample["cases"]}
+    order = re.findall(r"<tr class='[^']*' data-case='([^']*)'>", text)
+    assert order == sorted(scores, key=lambda n: -scores[n])
+    assert "No scores.csv: no thresholds" in text
+    # ground-truth outline drawn (cyan) on an anomalous case's slices, none on a normal case's
+    views = {v["alt"]: v for v in _slices(text)}
+    cyan = lambda img: int(np.all(img == (0, 255, 255), axis=-1).sum())  # noqa: E731
+    anomalous = next(n for n, c in meta.items() if c["label"])
+    normal = next(n for n, c in meta.items() if not c["label"])
+    assert sum(cyan(views[f"{anomalous} {v}"]["png"]) for v in ("sagittal", "coronal", "axial")) > 0
+    assert sum(cyan(views[f"{normal} {v}"]["png"]) for v in ("sagittal", "coronal", "axial")) == 0
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["n_cases"] == N_TOY and summary["metrics"][0]["group"] == "overall"
 
 
-def test_report_cli_without_predictions(dataset, tmp_path):
-    data, _, sample = dataset
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "bundle"), str(ROOT)]), MPLBACKEND="Agg")
-    out = subprocess.run([sys.executable, "-m", "tools.report", "--data_dir", str(data), "--sample_dir",
-                          str(sample), "--output_dir", str(tmp_path / "cli")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    last = out.stdout.strip().splitlines()[-1]
-    assert last == f"report: {tmp_path / 'cli' / 'report.html'}"
+def test_report_cli_without_pixel_predictions(dataset, tmp_path, capsys):
+    data, _, sample = dataset  # in this process: with labels the report imports scripts.evaluate (torch, MONAI)
+    main(["--data_dir", str(data), "--sample_dir", str(sample), "--output_dir", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {tmp_path / 'cli' / 'report.html'}"
     text = (tmp_path / "cli" / "report.html").read_text()
-    assert text.count("<div class='case'") == N_TOY
+    assert text.count("<div class='case") == N_TOY
     assert "pixel AP</th>" not in text and "sample AP</th>" in text
+    assert "no map: slices through the centre" in text
+
+
+def test_report_from_the_scans_folder_finds_the_labels_beside_it(dataset, tmp_path):
+    data, pixel, _ = dataset
+    text = write_report(data / "toy", pixel, None, output_dir=tmp_path / "out").read_text()
+    assert "pixel AP</th>" in text and "(labels: " in text
+
+
+# ---------------------------------------------------------------------------------------- without labels
+def _scan(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIDE)] * 3, indexing="ij"))
+    body = (grid ** 2).sum(0) < 0.8
+    return np.where(body, 100 + 20 * rng.standard_normal(body.shape), 0).astype(np.float32)
+
+
+def _blob(centre, amplitude: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(SIDE)] * 3, indexing="ij"))
+    r2 = ((grid - np.asarray(centre, dtype=float)[:, None, None, None]) ** 2).sum(0)
+    return (amplitude * np.exp(-r2 / (2 * 2.0 ** 2))).astype(np.float32)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# scan name -> peak of its map (None: failed in the worklist; "missing": no prediction at all)
+PLAIN = {"a.nii.gz": 0.30, "b.nii.gz": 0.90, "c.nii": 0.65, "d.nii.gz": None, "e.nii.gz": "missing",
+         "f.nii.gz": 0.10}
+SAMPLE_THRESHOLD, VOXEL_THRESHOLD = 0.5, 0.4
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A plain folder of tiny scans (no labels) and an inference output folder with maps, scores and
+    scores.csv: one failed case and one without any prediction."""
+    root = tmp_path_factory.mktemp("plain")
+    scans, pred = root / "scans", root / "pred"
+    scans.mkdir()
+    pred.mkdir()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    rows = []
+    for i, (name, peak) in enumerate(PLAIN.items()):
+        nib.save(nib.Nifti1Image(_scan(i), affine), scans / name)
+        common = {"name": name, "source": name, "flag_fpr": "0.0500", "sample_threshold": f"{SAMPLE_THRESHOLD:.6f}",
+                  "voxel_fpr": "0.001000", "voxel_threshold": f"{VOXEL_THRESHOLD:.6f}", "an_extra_column": "?"}
+        if peak == "missing":
+            continue
+        if peak is None:
+            rows.append({**common, "status": "failed", "reason": "unreadable scan: truncated gzip stream",
+                         "flagged": "yes"})
+            continue
+        centre = (6 + 2 * i, 12, 12)
+        heat = _blob(centre, peak)
+        nib.save(nib.Nifti1Image(heat, affine), pred / name)
+        score = peak * 0.9
+        (pred / f"{name}.txt").write_text(f"{score}\n")
+        location = affine @ np.array([*centre, 1.0])
+        rows.append({**common, "status": "ok", "sample_score": f"{score:.6f}",
+                     "flagged": "yes" if score > SAMPLE_THRESHOLD else "no", "map_max": f"{peak:.6f}",
+                     "max_x_mm": f"{location[0]:.1f}", "max_y_mm": f"{location[1]:.1f}",
+                     "max_z_mm": f"{location[2]:.1f}", "seconds": "1.5",
+                     "volume_above_ml": f"{(heat > VOXEL_THRESHOLD).sum() * 8e-3:.3f}"})
+    _write_csv(pred / "scores.csv", rows)
+    return scans, pred
+
+
+def _worklist(text: str) -> list[tuple[str, str, list[str]]]:
+    table = re.search(r"<table class='worklist'>(.*?)</table>", text, re.S).group(1)
+    return [(cls, name, re.findall(r"<td[^>]*>(.*?)</td>", body))
+            for cls, name, body in re.findall(r"<tr class='([^']*)' data-case='([^']*)'>(.*?)</tr>", table)]
+
+
+def test_plain_folder_with_a_worklist(plain, tmp_path):
+    scans, pred = plain
+    out = _cli("--input", str(scans), "--pred", str(pred), "--output_dir", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "r" / "report.html").read_text()
+    _assert_self_contained(text)
+    _assert_unique_headings(text)
+    assert "Average precision" not in text and "(no labels)" in text
+    rows = _worklist(text)
+    # sorted by score, highest first; then the case without a prediction; the failed case last
+    assert [name for _, name, _ in rows] == ["b.nii.gz", "c.nii", "a.nii.gz", "f.nii.gz", "e.nii.gz", "d.nii.gz"]
+    ranks = [cells[0] for _, _, cells in rows]
+    assert ranks[:4] == ["1", "2", "3", "4"] and ranks[4:] == ["\u2014", "\u2014"]
+    scores = [cells[2] for _, _, cells in rows]
+    assert scores[:4] == [f"{p * 0.9:.4f}" for p in (0.90, 0.65, 0.30, 0.10)]  # 4 decimals, not 16 digits
+    # flagged rows highlighted: the two above the threshold and the failed one (a scan that could not be scored)
+    flagged = [name for cls, name, _ in rows if "flagged" in cls.split()]
+    assert flagged == ["b.nii.gz", "c.nii", "d.nii.gz"]
+    cells = dict((name, c) for _, name, c in rows)
+    assert cells["b.nii.gz"][3] == "yes" and cells["a.nii.gz"][3] == "no"
+    assert "failed: unreadable scan: truncated gzip stream" in cells["d.nii.gz"][4]
+    assert cells["e.nii.gz"][4].startswith("missing prediction")
+    assert cells["b.nii.gz"][5] == "0.900" and cells["b.nii.gz"][6].startswith("(")
+    # thresholds in the summary and on the colour bars
+    assert "sample score &gt; 0.5000 (false-positive rate 5 % on normal scans)" in text
+    assert "0.4000 (false-positive rate 0.1 % of normal voxels)" in text
+    assert "3 of 6 (including 1 failed" in text
+    assert text.count("thr 0.400</text>") == 4  # one per case with a map
+    # every slice at least 300 px wide, drawn at the size it was rendered, with four orientation letters
+    views = _slices(text)
+    assert views and len(views) % 3 == 0
+    for view in views:
+        assert view["width"] >= MIN_PANEL_WIDTH and view["png"].shape[:2] == (view["height"], view["width"])
+        assert sorted(view["letters"]) == ["b", "l", "r", "t"]
+    # the region above the voxel threshold outlined where the map exceeds it, nowhere in a weak map
+    outline = lambda name: sum(int(np.all(v["png"] == THRESHOLD_COLOUR, axis=-1).sum())  # noqa: E731
+                               for v in views if v["alt"].startswith(name))
+    assert outline("b.nii.gz") > 0 and outline("f.nii.gz") == 0
+
+
+def test_plain_folder_without_a_worklist(plain, tmp_path):
+    scans, pred = plain
+    bare = tmp_path / "pred"
+    bare.mkdir()
+    for path in pred.iterdir():
+        if path.name != "scores.csv":
+            (bare / path.name).write_bytes(path.read_bytes())
+    text = write_report(scans, bare, bare, output_dir=tmp_path / "r", max_views=2).read_text()
+    assert text.count("No scores.csv: no thresholds") == 1
+    rows = _worklist(text)
+    assert [name for _, name, _ in rows][:4] == ["b.nii.gz", "c.nii", "a.nii.gz", "f.nii.gz"]
+    assert not any("flagged" in cls for cls, _, _ in rows)
+    # without the worklist, the failed case is just a case without a prediction
+    assert {name for _, name, c in rows if c[4].startswith("missing prediction")} == {"d.nii.gz", "e.nii.gz"}
+    # the map's maximum and its location read from the map itself
+    b = next(c for _, name, c in rows if name == "b.nii.gz")
+    assert b[5] == "0.900" and b[6] == "(16.0, 24.0, 24.0)"
+    assert text.count("<div class='case") == 2 and "Views of the 2 highest-ranked of 6 cases" in text
+
+
+def test_read_scores_csv_tolerates_extra_columns_and_empty_fields(tmp_path):
+    path = tmp_path / "scores.csv"
+    _write_csv(path, [{"name": "x.nii.gz", "status": "ok", "sample_score": "0.123456", "flagged": "",
+                       "max_x_mm": "1.0", "max_y_mm": "2.0", "max_z_mm": "", "an_extra_column": "1"}])
+    (row,) = read_scores_csv(path)
+    assert row["score"] == pytest.approx(0.123456) and row["flagged"] is None and row["location_mm"] is None
+    assert row["sample_threshold"] is None and row["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------ orientation, window
+@pytest.mark.parametrize("storage", ["RAS", "LPS", "permuted"])
+def test_orientation_letters_follow_the_affine(storage, tmp_path):
+    """A bright blob on the patient's right shows on the viewer's left of the axial and coronal views, under the
+    letter R, however the file stores its axes."""
+    affine = {"RAS": np.diag([2.0, 2.0, 2.0, 1.0]), "LPS": np.diag([-2.0, -2.0, 2.0, 1.0]),
+              "permuted": np.array([[0, 0, 2.0, 0], [2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])}[storage]
+    codes = nib.orientations.aff2axcodes(affine)
+    # the voxel index nearest the patient's right along the axis that maps to R/L
+    right_axis = next(i for i, c in enumerate(codes) if c in "RL")
+    centre = [SIDE // 2] * 3
+    centre[right_axis] = SIDE - 5 if codes[right_axis] == "R" else 4
+    scan = _scan(0) + 200 * _blob(centre, 1.0)
+    scans, pred = tmp_path / "scans", tmp_path / "pred"
+    scans.mkdir()
+    pred.mkdir()
+    nib.save(nib.Nifti1Image(scan, affine), scans / "s.nii.gz")
+    nib.save(nib.Nifti1Image(_blob(centre, 0.02), affine), pred / "s.nii.gz")  # its peak there, not drawn (< 0.05)
+    text = write_report(scans, pred, pred, output_dir=tmp_path / "r", window=(0.0, 200.0)).read_text()
+    assert f"file axes {''.join(codes)}" in text
+    views = {v["alt"].split()[-1]: v for v in _slices(text)}
+    for name in ("axial", "coronal"):
+        view = views[name]
+        assert view["letters"]["l"] == "R" and view["letters"]["r"] == "L"
+        grey = view["png"][..., 0].astype(float)
+        columns = np.nonzero(grey >= 250)[1]
+        assert columns.size and columns.mean() < view["width"] / 2
+    assert views["axial"]["letters"]["t"] == "A" and views["coronal"]["letters"]["t"] == "S"
+    assert views["sagittal"]["letters"] == {"l": "A", "r": "P", "t": "S", "b": "I"}
+
+
+def test_display_window():
+    hu = np.full((8, 8, 8), -1000.0, dtype=np.float32)
+    hu[2:6, 2:6, 2:6] = 40.0
+    lo, hi, text = display_window(hu, "auto")
+    assert (lo, hi) == (-160.0, 240.0) and "W 400 / L 40 HU" in text
+    scaled = (hu + 1024) / 4095  # CT in [0, 1]: MOOD's mapping is unknown, so a percentile window
+    lo, hi, text = display_window(scaled, "ct")
+    assert 0 <= lo < hi <= 1 and "percentile" in text and "MOOD does not publish" in text
+    lo, hi, text = display_window(scaled, "auto", hint="mr")
+    assert text.startswith("MR: percentile")
+    assert display_window(hu, "mr", window=(-50.0, 50.0))[:2] == (-50.0, 50.0)
+
+
+def test_ct_folder_gets_the_soft_tissue_window(tmp_path):
+    scans, pred = tmp_path / "abdom", tmp_path / "pred"
+    scans.mkdir()
+    pred.mkdir()
+    volume = np.where(_scan(3) > 0, 40.0, -1000.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), scans / "ct.nii.gz")
+    (pred / "ct.nii.gz.txt").write_text("0.5\n")
+    text = write_report(scans, pred, pred, output_dir=tmp_path / "r").read_text()
+    assert "CT soft-tissue window W 400 / L 40 HU" in text
+    axial = _slices(text)[2]["png"][..., 0]
+    assert 100 <= int(np.median(axial[axial > 0])) <= 150  # 40 HU is mid-grey in W 400 / L 40
+
+
+def _write_dicom_series(folder: Path, volume: np.ndarray, uid: str, prefix: str) -> None:
+    """``volume`` (columns, rows, slices) in HU as a CT series of int16 slices (stored value = HU + 1024)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, uid
+        ds.Modality, ds.InstanceNumber = "CT", volume.shape[2] - k  # written in reverse order
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (volume[:, :, volume.shape[2] - 1 - k].T + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"{prefix}{k:03d}.dcm", enforce_file_format=True)
+
+
+def test_a_dicom_series_is_shown_under_its_map(tmp_path):
+    """A series (among another in the same folder) read slice by slice in InstanceNumber order onto the map's grid,
+    in HU, so the soft-tissue window applies and the bright spot lies under the map's maximum."""
+    scans, pred = tmp_path / "in", tmp_path / "pred"
+    (scans / "patient1").mkdir(parents=True)
+    pred.mkdir()
+    volume = np.where(_scan(5) > 0, 40.0, -1000.0).astype(np.float32)[:, :, :8]
+    centre = (6, 12, 1)
+    volume[5:8, 11:14, 0:3] = 1000.0  # near the first slices: found only in InstanceNumber order
+    _write_dicom_series(scans / "patient1", volume, "1.2.3.4", "a")
+    _write_dicom_series(scans / "patient1", np.full_like(volume, 500.0), "1.2.3.5", "b")
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS to RAS, as the inference writes a series' map
+    name = "patient1_S1.nii.gz"
+    nib.save(nib.Nifti1Image(_blob(centre, 0.04)[:, :, :8], affine), pred / name)  # peak there, not drawn
+    _write_csv(pred / "scores.csv", [{"name": name, "source": "patient1", "series_uid": "1.2.3.4", "status": "ok",
+                                      "sample_score": "0.700000"}])
+    text = write_report(scans, pred, pred, output_dir=tmp_path / "r").read_text()
+    assert "not shown" not in text and "differs" not in text and "CT soft-tissue window" in text
+    assert "<span class='src'>patient1</span>" in text
+    axial = next(v for v in _slices(text) if v["alt"].endswith("axial"))
+    assert np.all(axial["png"] == 255, axis=-1).sum() > 100  # the slice through the maximum holds the 1000 HU cube
+    assert "axial, z = 3.0 mm (slice 2 of 8)" in text
+
+
+# -------------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_are_one_line_naming_the_folder(plain, tmp_path):
+    scans, pred = plain
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, expected in (([str(tmp_path / "nope"), str(pred)], f"input folder {tmp_path / 'nope'} does not exist"),
+                           ([str(scans), str(tmp_path / "nopred")],
+                            f"predictions folder {tmp_path / 'nopred'} does not exist"),
+                           ([str(empty), str(empty)], f"input folder {empty} holds no scans")):
+        out = _cli("--input", args[0], "--pred", args[1], "--output_dir", str(tmp_path / "r"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines() == [f"report: {expected} (*.nii.gz, *.nii)"
+                                                   if "no scans" in expected else f"report: {expected}"]
+    assert not (tmp_path / "r" / "report.html").exists()
+
+
+def test_a_label_without_scan_or_prediction_is_shown_not_a_crash(dataset, tmp_path):
+    data, pixel, sample = dataset
+    partial = tmp_path / "pred"
+    partial.mkdir()
+    names = sorted(p.name for p in (data / "toy").iterdir())
+    for path in sorted(pixel.iterdir())[:3] + sorted(sample.iterdir())[:3]:
+        (partial / path.name).write_bytes(path.read_bytes())
+    text = write_report(data, partial, partial, output_dir=tmp_path / "r").read_text()
+    rows = _worklist(text)
+    assert sorted(name for _, name, _ in rows) == names
+    missing = [name for _, name, c in rows if c[4].startswith("missing prediction")]
+    assert len(missing) == 3
+    ev = evaluate(data, partial, "pixel")
+    overall = re.findall(r"<td>(.*?)</td>", re.search(r"<tr class='overall'[^>]*>(.*?)</tr>", text).group(1))
+    assert overall[3] == fmt_metric(ev["average_precision"])
+
+
+# ------------------------------------------------------------------------------------------------ browser
+def test_report_in_a_real_browser(plain, tmp_path):
+    from tools.report_screenshot import check_report, find_chromium, measure
+
+    if find_chromium() is None:
+        pytest.skip("no chromium binary (apt-get install -y chromium)")
+    scans, pred = plain
+    html_path = write_report(scans, pred, pred, output_dir=tmp_path / "r")
+    result = check_report(html_path, tmp_path / "shots", width=1400, height=3000)
+    assert result["problems"] == []
+    assert Path(result["screenshot"]).is_file() and result["blank_fraction"] < 0.95
+    numbers = result["measurements"]
+    assert numbers["scrollWidth"] <= numbers["clientWidth"] <= 1400
+    slices = [i for i in numbers["images"] if i["slice"]]
+    assert len(slices) == result["n_slices"] == 3 * 6
+    assert all(i["width"] >= MIN_PANEL_WIDTH and i["width"] == i["naturalWidth"] for i in slices)
+    # the check can fail: a page wider than the window is caught
+    wide = tmp_path / "wide.html"
+    wide.write_text(html_path.read_text().replace("<h1>", "<div style='width:2400px'>wide</div><h1>", 1))
+    numbers = measure(wide, width=1400, height=1000)
+    assert numbers["scrollWidth"] > numbers["clientWidth"]

@@ -62,6 +62,15 @@ def test_brain_training_writes_checkpoint_metrics_and_logs(normal_scans, tmp_pat
     assert sorted((ROOT / "bundle" / "models").rglob("*")) == shipped
 
 
+def test_the_cache_of_decoded_scans_goes_under_the_run_folder_by_default(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(ROOT / "bundle", "train", "brain"))
+    parser.update({"output_dir": str(tmp_path / "run")})
+    assert parser.get_parsed_content("cache_dir") == str(tmp_path / "run" / "cache")
+
+
 def test_same_seed_same_validation_and_training(normal_scans, tmp_path):
     outputs = []
     for name in ("a", "b"):
@@ -198,6 +207,14 @@ def test_all_folds_of_a_split_and_their_summary(normal_scans, tmp_path):
     assert all(f["exit_code"] == 0 and "best_metric" in f for f in summary["folds"])
     assert summary["folds"][1]["train_tasks"] == ["fpi", "sink", "source", "smooth_intensity"]  # (1, 2, 3, 4)
     assert {p.name for p in (out / "models" / "brain").glob("*.pt")} == {"fold_0.pt", "fold_4.pt"}
+    assert "no operating points: folds [1, 2, 3] of the plan are not trained yet" in result.stderr
+    # the other three folds complete the ensemble: its operating points go into the plan
+    command[command.index("--folds") + 1:command.index("--folds") + 3] = ["1", "2", "3"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    recorded = json.loads((out / "models" / "brain" / "plans.json").read_text())["operating_points"]
+    assert recorded["normal_scans"] == 10 and set(recorded["folds"]) == {f"fold_{k}.pt" for k in range(5)}
+    assert "training scans as normals" in recorded["source"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test needs Linux")

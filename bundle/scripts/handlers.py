@@ -189,16 +189,24 @@ class MetricsJSONWriter:
 
 
 # the stages of a case in the order they run, as the progress lines name them
-STAGES = ("load", "preprocess", "network", "inverse", "write")
+STAGES = ("load", "preprocess", "network", "summarise", "inverse", "write")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 class ProgressReporter:
-    """Prints one line per case (name, seconds, the score, and where the time went: the seconds of each stage,
-    from the case's ``timings`` and the network's pass; or why it failed) and a summary line. Loading runs in the
-    background during the previous case, so the stages can add up to more than the case's own seconds."""
+    """Prints one line per case (name, seconds, the score and whether it is flagged, where the time went: the
+    seconds of each stage, from the case's ``timings`` and the network's pass; or why it failed; and the time left
+    at the mean pace so far) and a summary line. On a terminal a tqdm bar over the cases also shows the case being
+    scored and the time left. Loading runs in the background during the previous case, so the stages can add up
+    to more than the case's own seconds."""
 
     def __init__(self, total: int | None = None) -> None:
         self.total = total
+        self.bar = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -208,9 +216,14 @@ class ProgressReporter:
             engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._network_done)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._case_done)
         engine.add_event_handler(Events.COMPLETED, self._summary)
+        engine.add_event_handler(Events.TERMINATE, self._close_bar)
 
     def _network_start(self, engine: Engine) -> None:
         self.network_t0, self.network_seconds = time.perf_counter(), None
+        if self.bar is not None:
+            batch = engine.state.batch
+            names = batch.get(NAME) if isinstance(batch, Mapping) else None
+            self.bar.set_postfix_str(", ".join(names) if names else "", refresh=True)
 
     def _network_done(self, engine: Engine) -> None:
         device = getattr(engine.state, "device", None)
@@ -227,11 +240,31 @@ class ProgressReporter:
         return f" ({', '.join(named)} s)" if named else ""
 
     def _start(self, engine: Engine) -> None:
+        import sys
+
+        from tqdm import tqdm
+
         self.done, self.failed, self.seconds, self.t0 = 0, [], [], time.perf_counter()
         self.total = self.total or len(engine.data_loader)
+        # a bar only on a terminal: in a log file its redraws would be noise (the lines say the same)
+        self.bar = tqdm(total=self.total, unit="scan", desc="scoring", leave=False, file=sys.stderr,
+                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
     def _case_start(self, engine: Engine) -> None:
         self.case_t0 = time.perf_counter()
+
+    def _print(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line)  # above the bar, which is redrawn below it
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _time_left(self, index: int) -> str:
+        remaining = self.total - index
+        if remaining <= 0:
+            return ""
+        return f"; {_duration((time.perf_counter() - self.t0) / index * remaining)} left"
 
     def _case_done(self, engine: Engine) -> None:
         elapsed = time.perf_counter() - self.case_t0
@@ -242,14 +275,22 @@ class ProgressReporter:
             index = self.done + len(self.failed) + 1
             if item.get(ERROR):
                 self.failed.append(item[NAME])
-                print(f"[{index}/{self.total}] {item[NAME]}: FAILED: {item[ERROR]}", flush=True)
+                self._print(f"[{index}/{self.total}] {item[NAME]}: FAILED: {item[ERROR]}{self._time_left(index)}")
             else:
                 self.done += 1
                 self.seconds.append(elapsed)
                 extra = f" score {item['score']:.4f}" if "score" in item else ""
-                print(f"[{index}/{self.total}] {item[NAME]}: {elapsed:.1f} s{extra}{self._stages(item)}", flush=True)
+                extra += " FLAGGED" if item.get("flagged") else ""
+                self._print(f"[{index}/{self.total}] {item[NAME]}: {elapsed:.1f} s{extra}{self._stages(item)}"
+                            f"{self._time_left(index)}")
+
+    def _close_bar(self, engine: Engine, *args) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _summary(self, engine: Engine) -> None:
+        self._close_bar(engine)
         per_case = sum(self.seconds) / len(self.seconds) if self.seconds else float("nan")
         print(f"summary: {self.done} done, {len(self.failed)} failed, {per_case:.1f} s per case, "
               f"{time.perf_counter() - self.t0:.1f} s in all" + (f"; failed: {self.failed}" if self.failed else ""),

@@ -18,17 +18,22 @@ from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 
+from scripts import dicomio
 from scripts.files import is_scan
 from scripts.niftiio import read_tolerantly
 
-__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "MODES", "PrefetchingDataLoader", "RobustDataset",
-           "check_arguments",
+__all__ = ["AnomalyInferenceEngine", "DEFAULT_MAX_VOXELS", "IDENTITY", "MODES", "PrefetchingDataLoader",
+           "RobustDataset", "check_arguments",
            "describe_error", "exit_cleanly_on_sigterm", "list_inputs", "one_line_errors", "readable_path", "show_usage"]
 
 logger = logging.getLogger(__name__)
 
-# keys of every case item: the file name, its path, and why it could not be scored ("" when it could)
+# keys of every case item: the output name, what the reader reads, and why it could not be scored ("" when it
+# could); where it came from (its path relative to the input folder) and its DICOM SeriesInstanceUID ("" for NIfTI)
 NAME, PATH, ERROR = "name", "image_path", "error"
+SOURCE, SERIES_UID = "source", "series_uid"
+# what a failed case keeps of its item
+IDENTITY = (NAME, PATH, SOURCE, SERIES_UID)
 
 
 # what a run writes: pixel maps, sample scores, or both from one pass of the ensemble
@@ -113,29 +118,46 @@ def exit_cleanly_on_sigterm() -> None:
 
 
 def list_inputs(input_dir: str | Path) -> list[dict]:
-    """One item per NIfTI file in ``input_dir`` (``name``, ``image_path``, ``image``), sorted by name.
+    """One item per NIfTI file in ``input_dir``, sorted by name, then one per DICOM series in it or in its
+    subfolders (searched recursively), in the order of :func:`scripts.dicomio.find_series`. Each item has ``name``
+    (the output name), ``image_path`` and ``image`` (what the reader reads), ``source`` (the input's path relative
+    to ``input_dir``) and ``series_uid`` (the SeriesInstanceUID; "" for NIfTI).
 
-    Other files are named in the log and skipped. A missing folder or one without any NIfTI file is an
-    error (the bundle run then exits non-zero).
+    A NIfTI item is named by its file. A series' files, wherever they lie, are linked into a private temporary
+    folder (removed at exit) that the reader reads; its name follows :func:`scripts.dicomio.series_names` and never
+    repeats another item's. NIfTI files are read only directly in ``input_dir``: those in subfolders are named in
+    the log, as are the subfolders without any DICOM image and other files, which are skipped. A missing folder or
+    one without any scan is an error (the bundle run then exits non-zero).
     """
     folder = Path(input_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"input folder {str(folder)!r} does not exist or is not a folder")
-    items = []
+    items, dicom_files, subfolders = [], [], []
     for path in sorted(folder.iterdir()):
         if not path.is_file():
             if path.is_symlink() and is_scan(path):  # broken or looping: scored as unreadable, not skipped
                 logger.warning("%r is a broken or looping symbolic link", path.name)
             else:
+                if path.is_dir():
+                    subfolders.append(path)
                 continue
         elif not is_scan(path):
+            if dicomio.is_dicom_file(path):
+                dicom_files.append(path)
+                continue
             hint = ("; an Analyze/NIfTI pair (.hdr/.img): convert it to one .nii.gz"
                     if path.suffix.lower() in (".hdr", ".img") else "")
             logger.warning("skipping %r: not a NIfTI file (*.nii.gz, *.nii)%s", path.name, hint)
             continue
-        items.append({NAME: path.name, PATH: str(path), "image": str(path)})
+        items.append({NAME: path.name, PATH: str(path), "image": str(path), SOURCE: path.name, SERIES_UID: ""})
+    series = dicomio.find_series(folder, dicom_files, subfolders) if dicom_files or subfolders else []
+    for found, name in zip(series, dicomio.series_names(series, [item[NAME] for item in items])):
+        path = _series_folder(found.files)
+        logger.info("%s: DICOM series %s (%s, %d files in %r)", name, found.uid, found.modality or "no modality",
+                    len(found.files), found.source)
+        items.append({NAME: name, PATH: path, "image": path, SOURCE: found.source, SERIES_UID: found.uid})
     if not items:
-        raise ValueError(f"input folder {str(folder)!r} holds no *.nii.gz or *.nii scans")
+        raise ValueError(f"input folder {str(folder)!r} holds no *.nii.gz or *.nii scans and no DICOM series")
     return items
 
 
@@ -143,13 +165,44 @@ _READ_AS: dict[str, str] = {}
 _READ_AS_FOLDER: list[str] = []
 
 
+def _private_folder() -> Path:
+    """This process's private temporary folder (of links for the readers), made on first use and removed at exit."""
+    if not _READ_AS_FOLDER:
+        import atexit
+        import shutil
+        import tempfile
+
+        _READ_AS_FOLDER.append(tempfile.mkdtemp(prefix="mood_read_as_"))
+        atexit.register(shutil.rmtree, _READ_AS_FOLDER[0], True)
+    return Path(_READ_AS_FOLDER[0])
+
+
+def _series_folder(files: Sequence[Path]) -> str:
+    """A new folder in :func:`_private_folder` of links to ``files``, one DICOM series: what MONAI's PydicomReader
+    reads as one series (it reads every file of a folder it is given; a list of files would be stacked as
+    channels, and the series' own folder may hold other series or files)."""
+    import glob
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="series_", dir=_private_folder()))
+    if glob.escape(str(folder)) != str(folder):  # PydicomReader globs the folder's files
+        raise ValueError(f"the temporary folder {str(folder)!r} has a glob character ([, ], *, ?) in its path, so "
+                         "DICOM series cannot be read through it: set TMPDIR to a folder without one")
+    for index, file in enumerate(files):
+        (folder / f"{index:05d}.dcm").symlink_to(Path(file).resolve())
+    return str(folder)
+
+
 def readable_path(path: str | os.PathLike) -> str:
     """``path``, or a link to it whose suffix matches its content when its name lies: readers choose the
     decompression by the suffix, so a ``.nii.gz`` that is really uncompressed, or a ``.nii`` that is really
-    gzipped, would be rejected. The links live in a private temporary folder, removed at exit."""
+    gzipped, would be rejected. The links live in a private temporary folder, removed at exit. A folder (a DICOM
+    series) is returned as it is."""
     path = str(path)
     if path in _READ_AS:
         return _READ_AS[path]
+    if os.path.isdir(path):
+        return path
     try:
         with open(path, "rb") as f:
             magic = f.read(2)
@@ -160,14 +213,7 @@ def readable_path(path: str | os.PathLike) -> str:
     plain_name = not Path(path).name.startswith(".")  # readers choose by the last dots only: "..nii.gz" fails
     if len(magic) < 2 or (gzipped == named_gzip and plain_name):
         return path
-    if not _READ_AS_FOLDER:
-        import atexit
-        import shutil
-        import tempfile
-
-        _READ_AS_FOLDER.append(tempfile.mkdtemp(prefix="mood_read_as_"))
-        atexit.register(shutil.rmtree, _READ_AS_FOLDER[0], True)
-    link = Path(_READ_AS_FOLDER[0]) / f"scan_{len(_READ_AS)}{'.nii.gz' if gzipped else '.nii'}"
+    link = _private_folder() / f"scan_{len(_READ_AS)}{'.nii.gz' if gzipped else '.nii'}"
     link.symlink_to(Path(path).resolve())
     if gzipped != named_gzip:
         logger.warning("%s: its content is %s despite its name; read as such", Path(path).name,
@@ -179,7 +225,11 @@ def readable_path(path: str | os.PathLike) -> str:
 def _check_scan(path: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
     """Raise ValueError with the reason when ``path`` is not a readable 3D NIfTI volume, from its header alone
     (nothing is allocated): the shape, the size it claims against ``max_voxels``, and for an uncompressed file
-    against the bytes the file holds."""
+    against the bytes the file holds. A folder is a DICOM series, checked from its files' headers
+    (:func:`scripts.dicomio.check_series`)."""
+    if os.path.isdir(path):
+        dicomio.check_series(path, max_voxels)
+        return
     path = readable_path(path)
     try:
         image = nib.load(path)
@@ -203,10 +253,16 @@ def _check_scan(path: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
             raise ValueError(f"truncated: the file holds {size} bytes, its header claims {needed}")
 
 
+def _identity(item: Mapping) -> dict:
+    """What a failed case keeps of its item: :data:`IDENTITY`, the missing ones empty (an item of a caller that
+    gives only ``name`` and ``image_path``)."""
+    return {key: item.get(key, "") for key in IDENTITY}
+
+
 class RobustDataset(torch.utils.data.Dataset):
     """Applies ``transform`` to each input item; a scan that cannot be read or preprocessed becomes an item
-    with only its ``name``, ``image_path`` and the ``error`` (the reason), so one bad file never stops the rest.
-    Good items carry ``error = ""``."""
+    with only its ``name``, ``image_path``, ``source``, ``series_uid`` and the ``error`` (the reason), so one bad
+    file never stops the rest. Good items carry ``error = ""``."""
 
     def __init__(self, data: Sequence[dict], transform, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         self.data = list(data)
@@ -230,7 +286,7 @@ class RobustDataset(torch.utils.data.Dataset):
             out[ERROR] = ""
             return out
         except Exception as err:  # MemoryError included: this case fails, the others go on
-            return {NAME: item[NAME], PATH: item[PATH], ERROR: describe_error(err)}
+            return {**_identity(item), ERROR: describe_error(err)}
 
 
 class PrefetchingDataLoader(DataLoader):
@@ -277,14 +333,16 @@ class AnomalyInferenceEngine(SupervisedEvaluator):
             return super()._iteration(engine, batchdata)
         except Exception as err:
             reason = describe_error(err)
-            failed = {NAME: list(batchdata[NAME]), PATH: list(batchdata[PATH]), ERROR: [reason] * len(batchdata[NAME])}
+            failed = {key: list(batchdata[key]) for key in IDENTITY if key in batchdata}
+            failed[ERROR] = [reason] * len(batchdata[NAME])
             logger.error("%s: scoring failed: %s", ", ".join(failed[NAME]), reason)
             try:
                 return self._postprocess_failed(engine, failed)
             except Exception as again:  # even the fallback cannot be written (e.g. the name is too long)
                 reason = f"{reason}; no fallback written either: {describe_error(again)}"
                 logger.error("%s: %s", ", ".join(failed[NAME]), reason)
-                engine.state.batch = [{NAME: n, PATH: p, ERROR: reason} for n, p in zip(failed[NAME], failed[PATH])]
+                engine.state.batch = [{**{key: values[i] for key, values in failed.items()}, ERROR: reason}
+                                      for i in range(len(failed[NAME]))]
                 engine.state.output = [{} for _ in failed[NAME]]
                 return engine.state.output
 

@@ -214,6 +214,7 @@ def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
     missing = [k for k in _SETUP_KEYS if k not in plan]
     if missing:
         raise ValueError(f"{str(path)!r} lacks {missing}")
+    plan.setdefault("operating_points", None)  # recorded after training (scripts.calibration)
     return plan
 
 

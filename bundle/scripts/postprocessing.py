@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.files import write_atomically
-from scripts.inference import ERROR, NAME, PATH, readable_path
+from scripts.inference import ERROR, NAME, PATH, SERIES_UID, readable_path
 from scripts.niftiio import read_tolerantly, reverse_axes
 
 __all__ = ["DEFAULT_PIXEL_MAP_DTYPE", "PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_score"]
@@ -77,12 +77,35 @@ def _finite_affine(source, pred) -> np.ndarray:
     return np.eye(4)
 
 
+class _LoadedGrid:
+    """The grid a DICOM series was loaded on, as the map carries it after the inverse transforms: its shape, its
+    affine (RAS; MONAI's PydicomReader converts DICOM's LPS) and a NIfTI header for it. The coordinates are the
+    patient's, so both NIfTI codes say "scanner"; a sheared affine (a gantry tilt), which the qform cannot hold,
+    only in the sform, so that no viewer reads an approximation."""
+
+    def __init__(self, pred) -> None:
+        if not isinstance(pred, MetaTensor):
+            raise ValueError("the map carries no grid (not a MetaTensor) to write a DICOM series' map on")
+        self.shape = tuple(int(n) for n in pred.shape[1:])
+        self.affine = np.asarray(pred.affine, dtype=np.float64)
+        self.header = nib.Nifti1Header()
+        self.header.set_data_shape(self.shape)
+        self.header.set_xyzt_units("mm")
+        self.header.set_sform(self.affine, code="scanner")
+        columns = self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+        if np.allclose(columns.T @ columns, np.eye(3), atol=1e-5):
+            self.header.set_qform(self.affine, code="scanner")
+
+
 class WritePixelMapd(MapTransform):
     """Writes ``<output_dir>/<input name>``: the anomaly map as a NIfTI with the input file's shape and affine (MOOD
-    pixel task), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the probabilities rounded to
-    float16 in a float32 file, ``uint16`` round(65535 p) with scale slope 1/65535, ``float32`` the probabilities
-    themselves. Expects the map already brought back to the input grid; it is put in NIfTI's voxel order, cleaned
-    (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the host once."""
+    pixel task; for a DICOM series, an item with a ``series_uid``, the shape and affine of the grid MONAI loaded it
+    on, which the map carries after the inverse transforms: Columns x Rows x slices in InstanceNumber order, in
+    RAS, :mod:`scripts.dicomio`), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the
+    probabilities rounded to float16 in a float32 file, ``uint16`` round(65535 p) with scale slope 1/65535,
+    ``float32`` the probabilities themselves. Expects the map already brought back to the input grid; it is put in
+    NIfTI's voxel order, cleaned (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the
+    host once."""
 
     def __init__(self, keys: str = "pred", output_dir: str | Path = ".", dtype: str = DEFAULT_PIXEL_MAP_DTYPE,
                  allow_missing_keys: bool = True) -> None:
@@ -108,8 +131,10 @@ class WritePixelMapd(MapTransform):
             logger.error("%s: no pixel map written: %s", d[NAME], d[ERROR])
             _remove_stale(self.output_dir / d[NAME])
             return d
-        source = read_tolerantly(lambda: nib.load(readable_path(d[PATH])), d[NAME])  # the header only
+        # the header only; a DICOM series' grid is the map's own (below)
+        source = None if d.get(SERIES_UID) else read_tolerantly(lambda: nib.load(readable_path(d[PATH])), d[NAME])
         for key in self.key_iterator(d):
+            source = source if source is not None else _LoadedGrid(d[key])
             try:
                 values = self._host_values(d[key], tuple(source.shape))
             except ValueError as err:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from scripts import MONAI_CONFIG_NOTICE_FILTER
+from scripts.calibration import calibrate_training_run
 from scripts.data import CrossValidationSplit, model_folds
 from scripts.ensemble import load_weights
 from scripts.files import save_json
-from scripts.plans import ensure_plan
+from scripts.plans import ensure_plan, load_plan
 
 __all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
 
@@ -162,11 +164,12 @@ def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) 
 
 def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1,
                 overrides: list[str] | None = None, bundle_root: str = "bundle", gpus: int | None = None,
-                folds: list[int] | None = None, parallel_folds: int | None = None) -> dict:
+                folds: list[int] | None = None, parallel_folds: int | None = None, calibrate: bool = True) -> dict:
     """Write the plan, then train every model fold of a split (one process per fold, spread over the GPUs when
     there are several; ``parallel_folds`` at a time, default one per GPU, so that one large GPU can train
     several small folds at once) and write ``<output_dir>/models/<dataset>/summary.json`` with each fold's
-    validation result."""
+    validation result. Then, once every fold of the plan is there, ``calibrate`` records the ensemble's operating
+    points in the plan (:func:`scripts.calibration.calibrate_training_run`)."""
     if parallel_folds is not None and parallel_folds < 1:
         raise ValueError(f"parallel_folds must be at least 1, got {parallel_folds}")
     overrides = list(overrides or []) + ["--output_dir", output_dir, "--num_train_tasks", str(num_train_tasks)]
@@ -175,6 +178,7 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     gpus = torch.cuda.device_count() if gpus is None else gpus
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(bundle_root).resolve()), env.get("PYTHONPATH")]))
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), MONAI_CONFIG_NOTICE_FILTER]))
 
     def run(position: int) -> tuple[int, int, float]:
         fold = folds[position]
@@ -205,6 +209,14 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     save_json(summary, model_dir / "summary.json")
     if failed:
         raise RuntimeError(f"folds {failed} failed; see the logs above and {model_dir / 'summary.json'}")
+    if calibrate:
+        missing = [f["fold"] for f in load_plan(model_dir.parent, dataset)["split"]["model_folds"]
+                   if not (model_dir / f"fold_{f['fold']}.pt").is_file()]
+        if missing:
+            logger.warning("no operating points: folds %s of the plan are not trained yet", missing)
+        else:
+            logger.info("measuring the ensemble's operating points on the synthetic validation")
+            calibrate_training_run(config_files, _parse_overrides(overrides), bundle_root)
     return summary
 
 
@@ -219,12 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus", type=int, default=None, help="default: all visible GPUs")
     parser.add_argument("--parallel_folds", type=int, default=None,
                         help="folds trained at once (default: one per GPU, one on the CPU)")
+    parser.add_argument("--no_calibration", action="store_true",
+                        help="do not measure the operating points (thresholds) on the synthetic validation after")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = train_folds(args.config_file, args.output_dir, args.num_train_tasks, overrides=overrides,
                               bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds,
-                              parallel_folds=args.parallel_folds)
+                              parallel_folds=args.parallel_folds, calibrate=not args.no_calibration)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # one line, before any fold or after all
         from scripts.inference import describe_error
 

@@ -1,0 +1,151 @@
+"""The worklist of an inference run, for people reading scans rather than for MOOD's evaluator: ``scores.csv``, one
+row per scan in the order they were scored, with the sample score, whether it is flagged at the chosen false-positive
+rate, where the map peaks (scanner coordinates) and how much of the scan lies above the voxel threshold, and each
+failed case with its reason. The thresholds are the models' operating points (``scripts.calibration``).
+
+:class:`SummariseMapd` measures a case on its working-grid map (a post-processing step, before the map is brought
+back to the input grid); :class:`WorklistWriter`, an Ignite handler, writes the table after every case, whole and
+atomically, so a stopped run leaves the rows of the cases it finished."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.files import write_atomically
+from scripts.inference import ERROR, NAME, PATH
+
+__all__ = ["WORKLIST_COLUMNS", "SummariseMapd", "WorklistWriter", "read_worklist"]
+
+logger = logging.getLogger(__name__)
+
+WORKLIST_COLUMNS = ("name", "source", "series_uid", "status", "reason", "sample_score", "flag_fpr",
+                    "sample_threshold", "flagged", "map_max", "max_x_mm", "max_y_mm", "max_z_mm", "voxel_fpr",
+                    "voxel_threshold", "volume_above_ml", "seconds")
+
+
+class SummariseMapd(MapTransform):
+    """Adds what the worklist says of a case, from its map on the working grid (``pred``, channel first, a
+    MetaTensor whose affine maps voxels to scanner coordinates): ``score`` (the sample score, as
+    :class:`scripts.postprocessing.WriteSampleScored` computes it), ``map_max`` and ``max_location_mm`` (the
+    centre of the map's highest voxel, RAS millimetres as NIfTI's world coordinates), ``flagged`` (the score above
+    ``sample_threshold``) and ``volume_above_ml`` (the volume of the voxels above ``voxel_threshold``); the last two
+    are None without a threshold. Failed cases pass unchanged."""
+
+    def __init__(self, keys: str = "pred", top_fraction: float = 1e-2, sample_threshold: float | None = None,
+                 voxel_threshold: float | None = None, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.top_fraction = top_fraction
+        self.sample_threshold = sample_threshold
+        self.voxel_threshold = voxel_threshold
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from scripts.postprocessing import sample_score
+
+        d = dict(data)
+        if d.get(ERROR):
+            return d
+        for key in self.key_iterator(d):
+            pred = d[key]
+            values = torch.nan_to_num(torch.as_tensor(pred).detach().float(), nan=0.0).clamp(0.0, 1.0)
+            spatial = values.reshape(values.shape[-3:]) if values.ndim > 3 else values
+            d["score"] = float(sample_score(spatial, self.top_fraction))
+            peak = int(torch.argmax(spatial))
+            d["map_max"] = float(spatial.reshape(-1)[peak])
+            affine = np.asarray(pred.affine, dtype=np.float64) if isinstance(pred, MetaTensor) else np.eye(4)
+            index = np.unravel_index(peak, tuple(spatial.shape))
+            d["max_location_mm"] = [float(c) for c in (affine @ np.array([*index, 1.0]))[:3]]
+            d["flagged"] = None if self.sample_threshold is None else d["score"] > self.sample_threshold
+            if self.voxel_threshold is None:
+                d["volume_above_ml"] = None
+            else:
+                voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+                d["volume_above_ml"] = int((spatial > self.voxel_threshold).sum()) * voxel_ml
+        return d
+
+
+def _number(value, digits: int) -> str:
+    return "" if value is None else f"{float(value):.{digits}f}"
+
+
+class WorklistWriter:
+    """Writes ``path`` (``scores.csv``, :data:`WORKLIST_COLUMNS`) after every case, the whole table each time through
+    a temporary file, so it is never half-written. ``operating_point`` is
+    :func:`scripts.calibration.operating_point`'s. ``path`` empty or None: no worklist (the MOOD run scripts)."""
+
+    def __init__(self, path: str | Path | None, operating_point: Mapping | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.point = dict(operating_point or {})
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.path is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._case_start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._case_done)
+
+    def _start(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _case_start(self, engine: Engine) -> None:
+        self.case_t0 = time.perf_counter()
+
+    def _row(self, item: Mapping, seconds: float) -> dict:
+        failed = bool(item.get(ERROR))
+        location = item.get("max_location_mm") or [None] * 3
+        threshold = self.point.get("sample_threshold")
+        flagged = item.get("flagged")
+        if failed:  # a scan that could not be scored is one to look at
+            flagged = True if threshold is not None else None
+        return {
+            "name": item.get(NAME, ""),
+            "source": item.get("source") or Path(item.get(PATH, "")).name,
+            "series_uid": item.get("series_uid", ""),
+            "status": "failed" if failed else "ok",
+            "reason": item.get(ERROR, "") or "",
+            "sample_score": _number(item.get("score"), 6),
+            "flag_fpr": _number(self.point.get("flag_fpr"), 4) if threshold is not None else "",
+            "sample_threshold": _number(threshold, 6),
+            "flagged": "" if flagged is None else ("yes" if flagged else "no"),
+            "map_max": _number(item.get("map_max"), 6),
+            "max_x_mm": _number(location[0], 1),
+            "max_y_mm": _number(location[1], 1),
+            "max_z_mm": _number(location[2], 1),
+            "voxel_fpr": _number(self.point.get("voxel_fpr"), 6) if self.point.get("voxel_threshold") is not None
+            else "",
+            "voxel_threshold": _number(self.point.get("voxel_threshold"), 6),
+            "volume_above_ml": _number(item.get("volume_above_ml"), 3),
+            "seconds": _number(seconds if not failed else None, 1),
+        }
+
+    def _case_done(self, engine: Engine) -> None:
+        seconds = time.perf_counter() - self.case_t0
+        batch, output = engine.state.batch, engine.state.output
+        batch, output = (batch, output) if isinstance(batch, list) else ([batch], [output])
+        for part, result in zip(batch, output):
+            self.rows.append(self._row({**part, **(result if isinstance(result, Mapping) else {})}, seconds))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=WORKLIST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        try:
+            write_atomically(self.path, lambda tmp: tmp.write_text(text.getvalue(), encoding="utf-8"))
+        except OSError as err:  # the worklist is a convenience: the MOOD outputs of the case are written already
+            logger.error("the worklist %s could not be written: %s", self.path, err)
+
+
+def read_worklist(path: str | Path) -> list[dict]:
+    """The rows of a ``scores.csv`` as dicts of strings."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
