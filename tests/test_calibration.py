@@ -172,6 +172,13 @@ def test_operating_points_of_other_weights_are_not_used(calibrated_run, tmp_path
     shutil.copytree(calibrated_run / "models", models)
     plan = load_plan(models, "brain")
     assert operating_point(plan, models, "brain", 0.05, 0.001)["sample_threshold"] is not None
+    # maps the measurement did not see: test-time flips, sliding windows the plan does not use
+    for changed in ({"test_time_flips": [0]}, {"sliding_window": True}):
+        assert operating_point(plan, models, "brain", 0.05, 0.001, **changed)["sample_threshold"] is None
+    assert operating_point(plan, models, "brain", 0.05, 0.001, sliding_window=False)["sample_threshold"] is not None
+    (models / "brain" / "fold_4.pt").rename(tmp_path / "fold_4.pt")  # a partial ensemble is another ensemble
+    assert operating_point(plan, models, "brain", 0.05, 0.001)["sample_threshold"] is None
+    (tmp_path / "fold_4.pt").rename(models / "brain" / "fold_4.pt")
     torch.manual_seed(99)
     torch.save(build_network(plan).state_dict(), models / "brain" / "fold_2.pt")  # retrained since
     point = operating_point(plan, models, "brain", 0.05, 0.001)

@@ -637,7 +637,10 @@ def _process(case: dict, layout: dict, pixel_dir: Path | None, kinds: dict, samp
     label, label_path = None, None
     if layout["pixel_labels"] is not None and (layout["pixel_labels"] / name).is_file():
         label_path = layout["pixel_labels"] / name
-        label = np.asanyarray(nib.load(str(label_path)).dataobj) > 0.5
+        try:
+            label = np.asanyarray(nib.load(str(label_path)).dataobj) > 0.5
+        except Exception as err:  # the user's labels: one line, not a traceback
+            raise ReportError(f"label {str(label_path)!r} cannot be read ({type(err).__name__}: {err})") from None
     if layout["label_root"] is not None:
         sample_txt = layout["sample_labels"] / f"{name}.txt" if layout["sample_labels"] is not None else None
         try:

@@ -198,10 +198,12 @@ def _rounded(values: Mapping | None) -> dict | None:
 
 
 def operating_point(plan: Mapping, models_dir: str | os.PathLike, dataset: str, flag_fpr: float,
-                    voxel_fpr: float) -> dict:
+                    voxel_fpr: float, test_time_flips: Sequence[int] = (), sliding_window: bool | None = None) -> dict:
     """The thresholds inference uses: ``sample_threshold`` at ``flag_fpr`` (any rate, from the recorded normal
-    scores) and ``voxel_threshold`` at ``voxel_fpr`` (one of the recorded rates), or None for both, with a warning,
-    when the plan has no operating points or they were measured with other weights than the folds there now."""
+    scores) and ``voxel_threshold`` at ``voxel_fpr`` (one of the recorded rates). Both are None, with a warning, when
+    they would not describe this run's maps: the plan has no operating points; the fold weights there now are not
+    exactly the ones they were measured with (a fold retrained, missing or added); or the run changes the maps with
+    ``test_time_flips`` or a ``sliding_window`` other than the plan's, which the measurement did not use."""
     point = {"flag_fpr": float(flag_fpr), "voxel_fpr": float(voxel_fpr), "sample_threshold": None,
              "voxel_threshold": None}
     recorded = plan.get("operating_points")
@@ -210,11 +212,18 @@ def operating_point(plan: Mapping, models_dir: str | os.PathLike, dataset: str, 
     if not recorded:
         logger.warning("the %s models' plan records no operating points: scans are not flagged (%s)", dataset, hint)
         return point
-    digests = recorded.get("folds") or {}
-    current = {name: digest for name, digest in fold_digests(models_dir, dataset).items() if name in digests}
-    if digests and current != {k: v for k, v in digests.items() if k in current}:
-        logger.warning("the %s operating points were measured with other weights than the folds in %s: scans are not "
-                       "flagged (%s)", dataset, Path(models_dir) / dataset, hint)
+    if fold_digests(models_dir, dataset) != recorded.get("folds"):
+        logger.warning("the %s operating points were measured with other fold weights than those in %s (a fold "
+                       "retrained, missing or added): scans are not flagged (%s)", dataset, Path(models_dir) / dataset,
+                       hint)
+        return point
+    changed = [what for what, differs in (("test_time_flips", bool(test_time_flips)),
+                                          ("sliding_window", sliding_window is not None
+                                           and bool(sliding_window) != bool(plan.get("sliding_window"))))
+               if differs]
+    if changed:
+        logger.warning("%s change the maps the %s operating points were measured on: scans are not flagged",
+                       " and ".join(changed), dataset)
         return point
     point["sample_threshold"] = score_threshold(recorded["sample"]["normal_scores"], float(flag_fpr))
     voxel = {float(k): v for k, v in recorded["voxel"]["thresholds"].items()}
@@ -387,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> Path | dict:
                         help="with --normals_dir, change nothing: print the fraction of these normals above each "
                              "recorded threshold")
     args = parser.parse_args(argv)
+    if args.check and args.training_dir:
+        parser.error("--check goes with --normals_dir (it changes nothing; --training_dir records)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.training_dir:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,13 @@ def _walk(root: Path, top: Path, seen: set[str]) -> Iterable[tuple[Path, list[st
         yield Path(folder), dirs, sorted(files)
 
 
+def _regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def find_series(root: str | os.PathLike, files: Sequence[str | os.PathLike] = (),
                 folders: Sequence[str | os.PathLike] = ()) -> list[DicomSeries]:
     """The DICOM series among ``files`` (DICOM files directly in the input folder ``root``) and in ``folders``
@@ -191,6 +199,8 @@ def find_series(root: str | os.PathLike, files: Sequence[str | os.PathLike] = ()
                 path = folder / name
                 if is_scan(path):
                     found.nifti.append(name)
+                elif not _regular_file(path):  # a pipe or a device would block the read, a broken link fails it
+                    found.other.append(name)
                 elif not is_dicom_file(path):
                     found.other.append(name)
                 else:

@@ -254,9 +254,12 @@ class ProgressReporter:
         self.case_t0 = time.perf_counter()
 
     def _print(self, line: str) -> None:
+        import sys
+
         from tqdm import tqdm
 
-        tqdm.write(line)  # above the bar, which is redrawn below it
+        tqdm.write(line, file=sys.stdout)  # above the bar, which is redrawn below it
+        sys.stdout.flush()  # a line per case as it ends, also into a pipe or a log file
         if self.bar is not None:
             self.bar.update(1)
 

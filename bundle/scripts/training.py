@@ -216,7 +216,14 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
             logger.warning("no operating points: folds %s of the plan are not trained yet", missing)
         else:
             logger.info("measuring the ensemble's operating points on the synthetic validation")
-            calibrate_training_run(config_files, _parse_overrides(overrides), bundle_root)
+            try:
+                calibrate_training_run(config_files, _parse_overrides(overrides), bundle_root)
+            except Exception as err:  # the folds are trained and kept: only the thresholds are missing
+                from scripts.inference import describe_error
+
+                logger.error("the operating points could not be measured (%s); the models are complete. Measure "
+                             "them with 'python -m scripts.calibration --models_dir %s --dataset %s --training_dir "
+                             "<training scans>'", describe_error(err), model_dir.parent, dataset)
     return summary
 
 

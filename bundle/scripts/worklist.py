@@ -39,12 +39,15 @@ class SummariseMapd(MapTransform):
     MetaTensor whose affine maps voxels to scanner coordinates): ``score`` (the sample score, as
     :class:`scripts.postprocessing.WriteSampleScored` computes it), ``map_max`` and ``max_location_mm`` (the
     centre of the map's highest voxel, RAS millimetres as NIfTI's world coordinates), ``flagged`` (the score above
-    ``sample_threshold``) and ``volume_above_ml`` (the volume of the voxels above ``voxel_threshold``); the last two
-    are None without a threshold. Failed cases pass unchanged."""
+    ``sample_threshold``, the score rounded as the .txt file holds it) and ``volume_above_ml`` (the volume of the
+    foreground voxels, ``foreground_key``, above ``voxel_threshold``, the rate being one of foreground voxels); the
+    last two are None without a threshold. Failed cases pass unchanged."""
 
     def __init__(self, keys: str = "pred", top_fraction: float = 1e-2, sample_threshold: float | None = None,
-                 voxel_threshold: float | None = None, allow_missing_keys: bool = True) -> None:
+                 voxel_threshold: float | None = None, foreground_key: str = "foreground",
+                 allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.foreground_key = foreground_key
         self.top_fraction = top_fraction
         self.sample_threshold = sample_threshold
         self.voxel_threshold = voxel_threshold
@@ -65,12 +68,17 @@ class SummariseMapd(MapTransform):
             affine = np.asarray(pred.affine, dtype=np.float64) if isinstance(pred, MetaTensor) else np.eye(4)
             index = np.unravel_index(peak, tuple(spatial.shape))
             d["max_location_mm"] = [float(c) for c in (affine @ np.array([*index, 1.0]))[:3]]
-            d["flagged"] = None if self.sample_threshold is None else d["score"] > self.sample_threshold
+            # the score as the .txt file holds it, against a threshold set from scores recorded the same way
+            d["flagged"] = None if self.sample_threshold is None else round(d["score"], 6) > self.sample_threshold
             if self.voxel_threshold is None:
                 d["volume_above_ml"] = None
             else:
+                above = spatial > self.voxel_threshold
+                foreground = d.get(self.foreground_key)
+                if foreground is not None:  # the voxel rate is one of foreground voxels: count those only
+                    above &= torch.as_tensor(foreground).to(above.device).reshape(above.shape) > 0
                 voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-                d["volume_above_ml"] = int((spatial > self.voxel_threshold).sum()) * voxel_ml
+                d["volume_above_ml"] = int(above.sum()) * voxel_ml
         return d
 
 
@@ -97,6 +105,7 @@ class WorklistWriter:
 
     def _start(self, engine: Engine) -> None:
         self.rows = []
+        self._write()  # the header alone: an earlier run's rows never pass for this run's
 
     def _case_start(self, engine: Engine) -> None:
         self.case_t0 = time.perf_counter()
@@ -135,6 +144,9 @@ class WorklistWriter:
         batch, output = (batch, output) if isinstance(batch, list) else ([batch], [output])
         for part, result in zip(batch, output):
             self.rows.append(self._row({**part, **(result if isinstance(result, Mapping) else {})}, seconds))
+        self._write()
+
+    def _write(self) -> None:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=WORKLIST_COLUMNS, lineterminator="\n")
         writer.writeheader()
