@@ -9,12 +9,12 @@ export PYTHONWARNINGS := ignore:parsing config_file:UserWarning:monai.bundle.scr
 
 help:
 	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
-	@echo '     report IN=... PRED=... | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
+	@echo '     report IN=... PRED=... | report-setup | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
 	@echo '     demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package'
 	@echo '     docker-setup | docker-image | docker-test | clean'
 	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
 
-.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
 # `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -135,6 +135,11 @@ report_out = $(if $(filter runs,$(OUT)),report,$(OUT))
 report: setup
 	@test -n "$(IN)" -a -n "$(PRED)" || (echo "usage: make report IN=<folder of scans or dataset folder> PRED=<predictions> [OUT=...]"; exit 2)
 	$(PY) -m tools.report --input "$(IN)" --pred "$(PRED)" --output_dir "$(report_out)" $(ARGS)
+
+# `make report-setup` (as root): Debian's chromium for report-check and its test (tests/test_report.py), when missing
+report-setup:
+	@command -v chromium > /dev/null || { echo "report-setup: installing chromium (Debian's package, about 35 s)"; \
+		apt-get install -y -q chromium > /dev/null || { apt-get update -q > /dev/null && apt-get install -y -q chromium > /dev/null; }; }
 
 # `make report-check [OUT=report]`: OUT/report.html in headless Chromium (a screenshot beside it; the page fits a
 # 1400 px window, every image decodes, slices >= 300 px); needs a chromium binary (apt-get install -y chromium)
