@@ -47,7 +47,8 @@ def run_bundle(dataset: str, input_dir: Path, output_dir: Path, models_dir: Path
                "--bundle_root", "bundle", "--config_file", repr(bundle_configs("bundle", "inference", dataset)),
                "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), "--mode", "both",
                "--pixel_output_dir", str(output_dir / "pixel"), "--sample_output_dir", str(output_dir / "sample"),
-               "--models_dir", str(models_dir), "--model_format", model_format, *extra]
+               "--models_dir", str(models_dir), "--model_format", model_format,
+               "--worklist", str(output_dir / "scores.csv"), *extra]  # beside the compared folders: the app has none
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # 3: the toy folder's corrupt file failed, every other case was scored
     assert result.returncode in (0, 3), result.stdout[-3000:] + result.stderr[-5000:]
