@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -275,20 +276,13 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     # which samples hold an anomaly is known only once they are made: take them interleaved over the folds (every
     # fold's held-out tasks) until there are enough
     samples.sort(key=lambda s: s[:2])
-    anomalous = _first((item for item in (s[2][s[3]] for s in samples)
-                        if float(torch.as_tensor(item["label"]).max()) > 0), max_anomalous)
+    anomalous = itertools.islice((item for item in (s[2][s[3]] for s in samples)
+                                  if float(torch.as_tensor(item["label"]).max()) > 0), max_anomalous)
     record = calibrate(network, get("inferer"), normals, anomalous, plan["sample_score"]["top_fraction"], device,
                        get("amp"))
     return record_operating_points(models_dir, dataset, record,
                                    "synthetic validation of training: the training scans as normals, the validation "
                                    "samples of each fold's held-out tasks as anomalies, scored by the fold ensemble")
-
-
-def _first(items: Iterable, count: int | None) -> Iterable:
-    for index, item in enumerate(items):
-        if count is not None and index >= count:
-            return
-        yield item
 
 
 def _inference_parser(models_dir: str | os.PathLike, dataset: str, bundle_root: str | os.PathLike | None):
