@@ -8,18 +8,19 @@ export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 export PYTHONWARNINGS := ignore:parsing config_file:UserWarning:monai.bundle.scripts
 
 help:
-	@echo 'make demo | test | setup | lint | train DATA=... | infer IN=... OUT=... | evaluate DATA=... PRED=...'
-	@echo '     report IN=... PRED=... | report-setup | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe'
+	@echo 'make demo | test | setup | lint | train DATA=... [KIND=2d] | infer IN=... OUT=... | evaluate DATA=... PRED=...'
+	@echo '     report IN=... PRED=... | report-setup | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe | bench-slicewise'
 	@echo '     demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package'
 	@echo '     docker-setup | docker-image | docker-test | clean'
 	@echo 'each target is described by the comment above it in the Makefile; README.md has the tour'
 
-.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
+.PHONY: help setup test lint docker-setup docker-image docker-test demo demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe bench-slicewise train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
-# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"]`
+# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"] [KIND=3d|2d]`
+# KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml)
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
 DATASET ?= brain
-DATASETS := brain abdom
+DATASETS := brain abdom xray
 # one clear line for a dataset name the bundle has no overlay for (instead of MONAI's traceback)
 check_dataset = $(if $(filter $(DATASETS),$(DATASET)),,$(error DATASET must be one of: $(DATASETS); got '$(DATASET)'))
 OUT ?= runs
@@ -108,11 +109,12 @@ bench: setup
 bench-training: setup
 	$(PY) bench/bench_training.py
 
+KIND ?= 3d
 train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
 	$(check_dataset)
 	$(PY) -m scripts.training --config_file bundle/configs/common.yaml bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
-		--output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
+		$(if $(filter 2d,$(KIND)),bundle/configs/slicewise.yaml) --output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
 
 # `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample|both] [MODELS=runs/models]`
@@ -156,6 +158,12 @@ bench-inference: setup
 # pixel and sample AP per group next to two baselines (bench/bench_quality.py; about an hour on 2 cores)
 bench-quality: setup
 	$(PY) bench/bench_quality.py $(if $(MODELS),--models_dir "$(MODELS)")
+
+# `make bench-slicewise [ARGS="--datasets brain --budget 8"]`: the slice-wise FPI system against the 3D default,
+# both trained at once on the same toy normals with the same minutes per fold, then bench-quality on each
+# (bench/bench_slicewise.py; with the defaults, about 50 min of training and 25 min of scoring per dataset on 2 cores)
+bench-slicewise: setup
+	$(PY) bench/bench_slicewise.py $(ARGS)
 
 # `make bench-recipe [ARGS="--budget 6 --datasets brain"]`: training settings compared at an equal time budget,
 # one fold each, on synthetic validation (what chooses) and the held-out toy and gorilla sets (what checks)

@@ -2,7 +2,7 @@
 
 Run from the repository root (``make bench-quality [MODELS=runs/models]``)::
 
-    PYTHONPATH=bundle:. .venv/bin/python bench/bench_quality.py [--models_dir bundle/models]
+    PYTHONPATH=bundle:. .venv/bin/python bench/bench_quality.py [--models_dir bundle/models | --models NAME=DIR ...]
         [--datasets brain abdom] [--size 256] [--cases 20] [--gorilla 6] [--train 10]
         [--conventions mood raw] [--seed 2026] [--work_dir outputs/bench-quality] [--json PATH]
 
@@ -22,7 +22,9 @@ of the ensemble, the same outputs as the pixel and sample scripts), scores each 
 are scored with MOOD's semantics (``scripts.evaluate``: maps read as float16 and clipped, all voxels of a group
 pooled into one AP, sample AP over the case scores). Groups: ``all``, ``toy`` (all toy cases), each toy kind (its
 single-kind cases and all normal cases), ``gorilla`` (the gorilla cases and all normal cases) and each gorilla kind.
-``--rescore`` scores the data and predictions an earlier run left in ``--work_dir`` again.
+``--rescore`` scores the data and predictions an earlier run left in ``--work_dir`` again. ``--models NAME=DIR ...``
+scores several models folders on the same cases (methods ``bundle_<NAME>_<convention>``; e.g. the slice-wise and 3D
+models of ``bench/bench_slicewise.py``) instead of the one of ``--models_dir`` (methods ``bundle_<convention>``).
 
 Baselines on the same cases (computed on the ``mood`` convention, as MOOD ships the data):
 - ``mood_example``: the MOOD example's pixel score ``|x - 0.5|``;
@@ -142,17 +144,27 @@ def case_counts(score_map: np.ndarray, label: np.ndarray, score: float) -> dict:
     return {"positives": positives, "negatives": negatives, "score": score}
 
 
-def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[str, Path], predictions: Path) -> dict:
+def bundle_runs(models: dict[str, Path], conventions, predictions: Path) -> dict[str, tuple[Path, Path]]:
+    """Method name -> (models folder, predictions folder) of every models set and convention: ``bundle_<convention>``
+    for the one unnamed set, ``bundle_<name>_<convention>`` for named ones."""
+    return {(f"bundle_{name}_{c}" if name else f"bundle_{c}"): (folder, predictions / name / c if name else
+                                                                  predictions / c)
+            for name, folder in models.items() for c in conventions}
+
+
+def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[str, Path], predictions: Path,
+                     models: dict[str, Path] | None = None) -> dict:
     """Every method's per-case counts and scores, then its groups."""
     mean, std = normal_statistics(data_dir / f"{dataset}_train", dataset)
-    per_method: dict[str, dict[str, dict]] = {f"bundle_{c}": {} for c in folders}
+    runs = bundle_runs(models or {"": None}, folders, predictions)
+    per_method: dict[str, dict[str, dict]] = {method: {} for method in runs}
     per_method.update(mood_example={}, zscore={})
     for name in cases:
         label = np.asanyarray(nib.load(data_dir / "toy_label" / "pixel" / name).dataobj)
-        for convention in folders:
-            score_map = np.asanyarray(nib.load(predictions / convention / name).dataobj)
-            score = float((predictions / convention / f"{name}.txt").read_text().split()[0])
-            per_method[f"bundle_{convention}"][name] = case_counts(score_map, label, score)
+        for method, (_, out) in runs.items():
+            score_map = np.asanyarray(nib.load(out / name).dataobj)
+            score = float((out / f"{name}.txt").read_text().split()[0])
+            per_method[method][name] = case_counts(score_map, label, score)
         scan = to_convention(np.asanyarray(nib.load(data_dir / "toy" / name).dataobj), dataset, "mood")
         example = np.clip(np.abs(scan - 0.5), 0, 1)
         per_method["mood_example"][name] = case_counts(example, label, baseline_score(example))
@@ -163,9 +175,11 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
     return {method: score_groups(counts, cases, group_cases) for method, counts in per_method.items()}
 
 
-def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
+def run(models: dict[str, Path], work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
         conventions, seed: int, rescore: bool = False) -> dict:
-    result = {"settings": {"models_dir": str(models_dir), "size": size, "cases": n_cases, "gorilla": n_gorilla,
+    """``models``: name -> models folder (one unnamed ``{"": folder}``, or several named sets)."""
+    result = {"settings": {"models_dir": {name: str(folder) for name, folder in models.items()} if any(models)
+                           else str(models[""]), "size": size, "cases": n_cases, "gorilla": n_gorilla,
                            "train": n_train, "conventions": list(conventions), "seed": seed,
                            "date": datetime.date.today().isoformat()}, "datasets": {}}
     for dataset in datasets:
@@ -173,7 +187,7 @@ def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_g
         if rescore:  # the data and predictions of an earlier run
             cases = json.loads((data_dir / "toy_label" / "anomalies.json").read_text())["cases"]
             folders = {c: data_dir / f"cases_{c}" for c in conventions}
-            methods = evaluate_dataset(data_dir, dataset, cases, folders, work_dir / "predictions" / dataset)
+            methods = evaluate_dataset(data_dir, dataset, cases, folders, work_dir / "predictions" / dataset, models)
             result["datasets"][dataset] = {"methods": methods}
             continue
         if data_dir.exists():
@@ -185,14 +199,13 @@ def run(models_dir: Path, work_dir: Path, datasets, size: int, n_cases: int, n_g
         generated = time.perf_counter() - started
         predictions = work_dir / "predictions" / dataset
         seconds = {}
-        for convention, folder in folders.items():  # both outputs from one pass (run_mood.sh both)
-            out = predictions / convention
-            if out.exists():
+        for method, (models_dir, out) in bundle_runs(models, conventions, predictions).items():
+            if out.exists():  # both outputs from one pass (run_mood.sh both)
                 shutil.rmtree(out)
-            seconds[convention] = run_script("both", dataset, folder, out, models_dir, quiet=True) / len(
-                written["cases"])
+            seconds[method.removeprefix("bundle_")] = run_script("both", dataset, folders[out.name], out, models_dir,
+                                                                 quiet=True) / len(written["cases"])
         result["datasets"][dataset] = {
-            "methods": evaluate_dataset(data_dir, dataset, written["cases"], folders, predictions),
+            "methods": evaluate_dataset(data_dir, dataset, written["cases"], folders, predictions, models),
             "seconds_per_case": seconds, "seconds_generating": generated,
         }
         print(f"{dataset}: done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -237,6 +250,8 @@ def group_table(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models_dir", type=Path, default=REPO / "bundle" / "models")
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME=DIR",
+                        help="several models folders, scored on the same cases (instead of --models_dir)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--size", type=int, default=256, help="cube side of every case (MOOD brain: 256)")
     parser.add_argument("--cases", type=int, default=20, help="held-out toy cases per dataset, half normal")
@@ -253,7 +268,13 @@ def main(argv=None) -> dict:
         result = json.loads(args.from_json.read_text())
         print(table(result) + "\n\n" + group_table(result))
         return result
-    result = run(args.models_dir.resolve(), args.work_dir.resolve(), args.datasets, args.size, args.cases,
+    models = {"": args.models_dir.resolve()}
+    if args.models:
+        pairs = [entry.partition("=") for entry in args.models]
+        if any(not name or not sep or not folder for name, sep, folder in pairs):
+            parser.error("--models takes NAME=DIR entries, e.g. 3d=runs/models")
+        models = {name: Path(folder).resolve() for name, _, folder in pairs}
+    result = run(models, args.work_dir.resolve(), args.datasets, args.size, args.cases,
                  args.gorilla, args.train, args.conventions, args.seed, args.rescore)
     if args.rescore and args.json.is_file():  # the timings of the run that made the predictions
         earlier = json.loads(args.json.read_text()).get("datasets", {})

@@ -77,3 +77,24 @@ def test_kind_groups_hold_the_cases_of_that_kind_alone_and_every_normal_case():
     assert groups["tumour"] == ["toy_0.nii.gz", "toy_1.nii.gz"] and groups["spots"] == ["toy_0.nii.gz"]
     assert groups["toy"] == ["toy_0.nii.gz", "toy_1.nii.gz", "toy_2.nii.gz"] and len(groups["all"]) == 4
     assert groups["gorilla"] == groups["noise_cube"] == ["toy_0.nii.gz", "gorilla_0.nii.gz"]
+
+
+def test_several_models_folders_are_scored_on_the_same_cases(quality, default_models, tmp_path):
+    """``--models NAME=DIR ...`` (bench_slicewise.py's comparison): each folder through the run script on the same
+    cases; the 3D set scores what the single-folder run scored, and a slice-wise set gets its own methods."""
+    from conftest import write_models
+
+    _, single = quality
+    slicewise = write_models(tmp_path / "slicewise", "brain", (0, 1), slice_axis=2, spatial_size=[32, 32, 32],
+                             network_depth=3, network_base_filters=4)
+    result = bench_quality.main(["--models", f"3d={default_models}", f"2d={slicewise}", "--datasets", "brain",
+                                 "--size", "32", "--cases", "4", "--gorilla", "3", "--train", "2", "--conventions",
+                                 "mood", "--work_dir", str(tmp_path / "work"), "--json", str(tmp_path / "q.json")])
+    entry = result["datasets"]["brain"]
+    assert set(entry["methods"]) == {"bundle_3d_mood", "bundle_2d_mood", "mood_example", "zscore"}
+    assert set(entry["seconds_per_case"]) == {"3d_mood", "2d_mood"}
+    assert entry["methods"]["bundle_3d_mood"] == single["datasets"]["brain"]["methods"]["bundle_mood"]
+    assert entry["methods"]["bundle_2d_mood"] != entry["methods"]["bundle_3d_mood"]
+    assert result["settings"]["models_dir"] == {"3d": str(default_models), "2d": str(slicewise)}
+    with pytest.raises(SystemExit):
+        bench_quality.main(["--models", "nodir"])

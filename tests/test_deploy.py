@@ -128,3 +128,15 @@ def test_app_takes_a_single_scan_and_reports_bad_settings_clearly(normal_scans, 
     assert result.returncode != 0 and "dataset must be one of" in result.stderr
     result = run_app(scan, tmp_path / "out", models / "abdom", expected=None, MOOD_DATASET="brain")
     assert result.returncode != 0 and "holds 'abdom' models, not 'brain'" in result.stderr
+
+
+def test_app_runs_a_slice_wise_model_like_the_bundle(normal_scans, tmp_path):
+    """A slice-wise (2D) model: the app builds it from its plan as the bundle does, with the same outputs."""
+    from conftest import write_models
+
+    models = write_models(tmp_path / "models", "brain", (0, 1), slice_axis=2, spatial_size=[32, 32, 32],
+                          network_depth=3, network_base_filters=4)
+    inputs = toy_folder(normal_scans, "brain", tmp_path / "in")
+    run_app(inputs, tmp_path / "app", models / "brain", FAILED_CASES_EXIT_CODE)
+    run_bundle("brain", inputs, tmp_path / "bundle", models, "pytorch")
+    assert_same_outputs(tmp_path / "app", tmp_path / "bundle")

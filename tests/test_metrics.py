@@ -52,9 +52,9 @@ def test_sample_ap_and_score():
     flat = torch.zeros(1, 10, 10, 10)
     spot = flat.clone()
     spot[0, 2, 3, 4] = 0.9
-    assert float(sample_score(spot, top_fraction=1e-3)) == pytest.approx(0.9)
-    assert float(sample_score(spot, top_fraction=2e-3)) == pytest.approx(0.45)
-    metric = SampleAveragePrecision(top_fraction=1e-3)
+    assert float(sample_score(spot, 1e-3)) == pytest.approx(0.9)
+    assert float(sample_score(spot, 2e-3)) == pytest.approx(0.45)
+    metric = SampleAveragePrecision(method=1e-3)
     metric.reset()
     labels = [torch.zeros_like(flat), (spot > 0).float(), torch.zeros_like(flat), (spot > 0).float()]
     preds = [flat + 0.1, spot, flat + 0.95, spot * 0.5]

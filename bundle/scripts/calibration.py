@@ -111,7 +111,7 @@ def _map(network, inferer, image: torch.Tensor, device, amp: bool) -> torch.Tens
         return inferer(batch, network)[0, 0].float()
 
 
-def _score_normals(network, inferer, normals: Iterable[Mapping], top_fraction: float, device,
+def _score_normals(network, inferer, normals: Iterable[Mapping], method: float | Mapping, device,
                    amp: bool) -> tuple[list[float], VoxelTail]:
     """The sorted sample scores of ``normals`` (rounded as recorded) and the histogram of their foreground voxels."""
     from scripts.postprocessing import sample_score
@@ -121,7 +121,7 @@ def _score_normals(network, inferer, normals: Iterable[Mapping], top_fraction: f
     for index, item in enumerate(normals, 1):
         _progress("normal scan", index)
         probabilities = _map(network, inferer, item["image"], device, amp)
-        scores.append(float(sample_score(probabilities, top_fraction)))
+        scores.append(float(sample_score(probabilities, method)))
         foreground = torch.as_tensor(item["foreground"])[0].to(probabilities.device) > 0
         tail.add(probabilities[foreground] if foreground.any() else probabilities)
     if not scores:
@@ -129,7 +129,7 @@ def _score_normals(network, inferer, normals: Iterable[Mapping], top_fraction: f
     return sorted(round(s, 6) for s in scores), tail  # as recorded: inference sets thresholds from these
 
 
-def calibrate(network, inferer, normals: Iterable[Mapping], anomalous: Iterable[Mapping], top_fraction: float,
+def calibrate(network, inferer, normals: Iterable[Mapping], anomalous: Iterable[Mapping], method: float | Mapping,
               device="cpu", amp: bool = False, fprs: Sequence[float] = DEFAULT_FPRS,
               voxel_fprs: Sequence[float] = DEFAULT_VOXEL_FPRS) -> dict:
     """The operating points of ``network`` (the fold ensemble, which returns probabilities) from ``normals``
@@ -139,7 +139,7 @@ def calibrate(network, inferer, normals: Iterable[Mapping], anomalous: Iterable[
     them (and of their anomalous voxels, label >= 0.5) above each threshold."""
     from scripts.postprocessing import sample_score
 
-    normal_scores, tail = _score_normals(network, inferer, normals, top_fraction, device, amp)
+    normal_scores, tail = _score_normals(network, inferer, normals, method, device, amp)
     sample_thresholds = {str(r): score_threshold(normal_scores, r) for r in fprs}
     voxel_thresholds = {str(r): tail.threshold(r) for r in voxel_fprs}
     anomalous_scores, anomalous_voxels = [], {key: 0 for key in voxel_thresholds}
@@ -147,7 +147,7 @@ def calibrate(network, inferer, normals: Iterable[Mapping], anomalous: Iterable[
     for index, item in enumerate(anomalous, 1):
         _progress("anomalous sample", index)
         probabilities = _map(network, inferer, item["image"], device, amp)
-        anomalous_scores.append(float(sample_score(probabilities, top_fraction)))
+        anomalous_scores.append(float(sample_score(probabilities, method)))
         inside = probabilities[torch.as_tensor(item["label"])[0].to(probabilities.device) >= 0.5]
         voxels_in_anomalies += inside.numel()
         for key, threshold in voxel_thresholds.items():
@@ -199,12 +199,14 @@ def _rounded(values: Mapping | None) -> dict | None:
 
 
 def operating_point(plan: Mapping, models_dir: str | os.PathLike, dataset: str, flag_fpr: float,
-                    voxel_fpr: float, test_time_flips: Sequence[int] = (), sliding_window: bool | None = None) -> dict:
+                    voxel_fpr: float, test_time_flips: Sequence[int] = (), sliding_window: bool | None = None,
+                    sample_score_method: Mapping | None = None) -> dict:
     """The thresholds inference uses: ``sample_threshold`` at ``flag_fpr`` (any rate, from the recorded normal
     scores) and ``voxel_threshold`` at ``voxel_fpr`` (one of the recorded rates). Both are None, with a warning, when
     they would not describe this run's maps: the plan has no operating points; the fold weights there now are not
     exactly the ones they were measured with (a fold retrained, missing or added); or the run changes the maps with
-    ``test_time_flips`` or a ``sliding_window`` other than the plan's, which the measurement did not use."""
+    ``test_time_flips`` or a ``sliding_window`` other than the plan's, which the measurement did not use, or scores
+    the maps with a ``sample_score_method`` other than the plan's."""
     point = {"flag_fpr": float(flag_fpr), "voxel_fpr": float(voxel_fpr), "sample_threshold": None,
              "voxel_threshold": None}
     recorded = plan.get("operating_points")
@@ -220,10 +222,12 @@ def operating_point(plan: Mapping, models_dir: str | os.PathLike, dataset: str, 
         return point
     changed = [what for what, differs in (("test_time_flips", bool(test_time_flips)),
                                           ("sliding_window", sliding_window is not None
-                                           and bool(sliding_window) != bool(plan.get("sliding_window"))))
+                                           and bool(sliding_window) != bool(plan.get("sliding_window"))),
+                                          ("the sample score aggregation", sample_score_method is not None
+                                           and dict(sample_score_method) != dict(plan["sample_score"])))
                if differs]
     if changed:
-        logger.warning("%s change the maps the %s operating points were measured on: scans are not flagged",
+        logger.warning("%s: not what the %s operating points were measured with; scans are not flagged",
                        " and ".join(changed), dataset)
         return point
     point["sample_threshold"] = score_threshold(recorded["sample"]["normal_scores"], float(flag_fpr))
@@ -261,9 +265,8 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     plan = load_plan(models_dir, dataset)
     # what the models were trained with, from their plan: the grid, foreground, normalisation and network
     parser["plan"] = f"$scripts.plans.load_plan({str(models_dir)!r}, {dataset!r})"
-    for key in ("spatial_size", "foreground_fraction", "patch_size", "sliding_window"):
+    for key in ("spatial_size", "foreground_fraction", "patch_size", "sliding_window", "slice_axis"):
         parser[key] = plan[key]
-    parser["sample_score_fraction"] = plan["sample_score"]["top_fraction"]
     network = load_ensemble(get("network_def"), models_dir, dataset, device, plan=plan)
     normalise = get("normalise")
     scans = get("all_scans")
@@ -278,7 +281,7 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     samples.sort(key=lambda s: s[:2])
     anomalous = itertools.islice((item for item in (s[2][s[3]] for s in samples)
                                   if float(torch.as_tensor(item["label"]).max()) > 0), max_anomalous)
-    record = calibrate(network, get("inferer"), normals, anomalous, plan["sample_score"]["top_fraction"], device,
+    record = calibrate(network, get("inferer"), normals, anomalous, plan["sample_score"], device,
                        get("amp"))
     return record_operating_points(models_dir, dataset, record,
                                    "synthetic validation of training: the training scans as normals, the validation "
@@ -297,11 +300,11 @@ def _inference_parser(models_dir: str | os.PathLike, dataset: str, bundle_root: 
 
 
 def _normals_of_folder(parser, normals_dir: str | os.PathLike, max_normals: int | None) -> tuple[list, Iterable]:
-    """The scans of ``normals_dir`` (at most ``max_normals``, evenly spaced), preprocessed as inference does."""
-    from scripts.inference import list_inputs
-
+    """The scans of ``normals_dir`` (at most ``max_normals``, evenly spaced), found and preprocessed as inference
+    does (the config's ``inputs``: volumes, or 2D images with xray.yaml)."""
+    parser["dataset_dir"] = str(normals_dir)
     preprocessing, normalise = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("normalise")
-    inputs = _evenly(list_inputs(normals_dir), max_normals)
+    inputs = _evenly(parser.get_parsed_content("inputs"), max_normals)
     return inputs, (normalise(preprocessing({"image": item["image"]})) for item in inputs)
 
 
@@ -311,7 +314,7 @@ def calibrate_on_normals(models_dir: str | os.PathLike, dataset: str, normals_di
     parser = _inference_parser(models_dir, dataset, bundle_root)
     get = parser.get_parsed_content
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    record = calibrate(get("network"), get("inferer"), normals, [], get("sample_score_fraction"), get("device"),
+    record = calibrate(get("network"), get("inferer"), normals, [], get("sample_score_method"), get("device"),
                        get("amp"))
     return record_operating_points(models_dir, dataset, record,
                                    f"normal scans of {Path(normals_dir).name!r} ({len(inputs)} scans), scored by the "
@@ -329,7 +332,7 @@ def check_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: s
     if not recorded:
         raise ValueError(f"the {dataset} models in {str(models_dir)!r} record no operating points to check")
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    scores, tail = _score_normals(get("network"), get("inferer"), normals, get("sample_score_fraction"),
+    scores, tail = _score_normals(get("network"), get("inferer"), normals, get("sample_score_method"),
                                   get("device"), get("amp"))
     values = np.asarray(scores)
     return {

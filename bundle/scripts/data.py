@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from monai.transforms import Randomizable
 
 from scripts.anomalies import TASK_NEEDS
 from scripts.files import is_scan
-from scripts.transforms import RandSyntheticAnomalyd
+from scripts.transforms import NormaliseIntensity, RandSyntheticAnomalyd
 
 __all__ = [
     "NUM_FOLDS",
@@ -264,6 +265,12 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
         patch_size: return crops of this size instead of whole scans, cut after the anomalies are made (so they
             keep their size on the scan's grid) by :func:`random_patch`: half of them around an anomalous voxel.
             None: whole scans.
+        slice_axis: training mode: return 2D slices along this spatial axis instead of volumes (the FPI system,
+            :class:`scripts.networks.SliceWiseNetwork`): each item cuts one slice that holds foreground
+            (:func:`scripts.networks.slices_with_foreground` with ``foreground_fraction``, the rule inference uses)
+            from a scan, the same slice from its partner (and the corresponding one from the foreign scan), and
+            makes the anomalies in 2D, as FPI does. None: volumes.
+        slices_per_scan: slice mode: items per scan in an epoch (a slice is a small part of a scan).
         anomaly_kwargs: further arguments of ``RandSyntheticAnomalyd`` (sigma, max_anomalies, ...).
     """
 
@@ -279,6 +286,9 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
         seed: int = 0,
         max_samples: int | None = None,
         patch_size: Sequence[int] | None = None,
+        slice_axis: int | None = None,
+        slices_per_scan: int = 1,
+        foreground_fraction: float = 0.1,
         **anomaly_kwargs,
     ) -> None:
         if len(scans) == 0:
@@ -294,6 +304,13 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
         self.fixed = fixed
         self.seed = seed
         self.patch_size = [int(p) for p in patch_size] if patch_size else None
+        if slice_axis is not None and (fixed or self.patch_size):
+            raise ValueError("slice_axis is a training mode of whole slices: validation (fixed) scores volumes, and "
+                             "slices take no patch_size")
+        self.slice_axis = None if slice_axis is None else int(slice_axis)
+        self.slices_per_scan = max(1, int(slices_per_scan)) if slice_axis is not None else 1
+        self.foreground_fraction = foreground_fraction
+        self._slice_cache: dict[tuple[int, int], tuple] = {}  # slice mode: per scan, (normalisation, slices)
         foreign_key = "foreign" if foreign is not None else None
         if fixed:
             self.anomaly = {
@@ -309,7 +326,7 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
             )
 
     def __len__(self) -> int:
-        return len(self.indices) if self.fixed else len(self.scans)
+        return len(self.indices) if self.fixed else len(self.scans) * self.slices_per_scan
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         super().set_random_state(seed, state)
@@ -335,12 +352,16 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
             transform = self.anomaly[task]
             transform.set_random_state(seed=int(rng.randint(2**31 - 1)))
         else:
-            scan_index, rng, transform = index, self.R, self.anomaly
-        data = self._load(scan_index, self.scans, self.normalise)
-        partner_index = self._other(scan_index, len(self.scans), rng)
-        data["partner"] = self._load(partner_index, self.scans, self.normalise)["image"]
-        if self.foreign is not None:
-            data["foreign"] = self._load(rng.randint(len(self.foreign)), self.foreign, self.foreign_normalise)["image"]
+            scan_index, rng, transform = index // self.slices_per_scan, self.R, self.anomaly
+        if self.slice_axis is not None:
+            data = self._sliced_item(scan_index, rng)
+        else:
+            data = self._load(scan_index, self.scans, self.normalise)
+            partner_index = self._other(scan_index, len(self.scans), rng)
+            data["partner"] = self._load(partner_index, self.scans, self.normalise)["image"]
+            if self.foreign is not None:
+                data["foreign"] = self._load(rng.randint(len(self.foreign)), self.foreign,
+                                             self.foreign_normalise)["image"]
         out = transform(data)
         for key in ("partner", "foreign"):
             out.pop(key, None)
@@ -349,6 +370,49 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
             window = random_patch(out["label"], foreground, self.patch_size, rng)
             out.update({k: out[k][(slice(None), *window)] for k in ("image", "label")})
         return out
+
+    def _scan_for_slices(self, index: int, source: Sequence[dict], normalise) -> tuple[dict, tuple, torch.Tensor]:
+        """A scan as stored (before normalisation), its normalisation parameters and which of its slices hold
+        foreground. The two are computed once per scan (and worker): every later slice of the scan is normalised
+        alone with them, so a step costs its slices, not whole volumes."""
+        from scripts.networks import slices_with_foreground
+
+        item = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in source[index].items()}
+        key = (id(source), index)
+        if key not in self._slice_cache:
+            normaliser = getattr(normalise, "normaliser", None)
+            if normaliser is None:  # no normalisation
+                parameters = (-math.inf, math.inf, 0.0, 1.0)
+            else:
+                parameters = normaliser.parameters(item["image"], item.get(normalise.foreground_key))
+            normalised = NormaliseIntensity.apply(item["image"], parameters)
+            self._slice_cache[key] = parameters, slices_with_foreground(normalised, self.slice_axis,
+                                                                          self.foreground_fraction)
+        return (item, *self._slice_cache[key])
+
+    def _sliced_item(self, scan_index: int, rng: np.random.RandomState) -> dict:
+        """One slice of the scan that holds foreground, the same slice of a partner scan (and the foreign scan's
+        slice at the same relative position), each normalised with its whole scan's statistics: (C, *2 spatial)."""
+        dim = 1 + self.slice_axis  # after the channel
+        item, parameters, keep = self._scan_for_slices(scan_index, self.scans, self.normalise)
+        candidates = torch.nonzero(keep).flatten()
+        index = int(candidates[rng.randint(len(candidates))]) if len(candidates) else rng.randint(len(keep))
+        image = torch.as_tensor(item["image"])
+        data = {"image": NormaliseIntensity.apply(image.select(dim, index), parameters)}
+        if "foreground" in item:
+            foreground = torch.as_tensor(item["foreground"])
+            data["foreground"] = foreground.select(dim if foreground.ndim == image.ndim else dim - 1, index)
+        partner, partner_parameters, _ = self._scan_for_slices(
+            self._other(scan_index, len(self.scans), rng), self.scans, self.normalise)
+        data["partner"] = NormaliseIntensity.apply(torch.as_tensor(partner["image"]).select(dim, index),
+                                                   partner_parameters)
+        if self.foreign is not None:
+            foreign, foreign_parameters, _ = self._scan_for_slices(rng.randint(len(self.foreign)), self.foreign,
+                                                                   self.foreign_normalise)
+            volume = torch.as_tensor(foreign["image"])
+            position = min(index * volume.shape[dim] // image.shape[dim], volume.shape[dim] - 1)
+            data["foreign"] = NormaliseIntensity.apply(volume.select(dim, position), foreign_parameters)
+        return data
 
     @staticmethod
     def _other(index: int, count: int, rng: np.random.RandomState) -> int:

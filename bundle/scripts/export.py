@@ -97,6 +97,10 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
     configs = bundle_configs(bundle_root, "inference", dataset)
     meta_file = Path(bundle_root) / "configs" / "metadata.json"
     plan = load_plan(models_dir, dataset)
+    if plan.get("slice_axis") is not None:  # its slice loop picks slices by content: a trace would freeze one choice
+        raise ValueError(f"the {dataset!r} models in {str(models_dir)!r} are slice-wise (a 2D network run slice by "
+                         "slice): their export is not supported yet; run them from their state dicts "
+                         "(model_format pytorch)")
     network_def = build_network(plan)
     spatial_size = list(plan["spatial_size"])
     x = probe_volume(spatial_size)

@@ -226,10 +226,17 @@ def _check_scan(path: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
     """Raise ValueError with the reason when ``path`` is not a readable 3D NIfTI volume, from its header alone
     (nothing is allocated): the shape, the size it claims against ``max_voxels``, and for an uncompressed file
     against the bytes the file holds. A folder is a DICOM series, checked from its files' headers
-    (:func:`scripts.dicomio.check_series`)."""
+    (:func:`scripts.dicomio.check_series`); a PNG, JPEG or DICOM file a 2D image
+    (:func:`scripts.radiographs.check_radiograph`)."""
     if os.path.isdir(path):
         dicomio.check_series(path, max_voxels)
         return
+    if not is_scan(path):  # a 2D image (xray.yaml's inputs)
+        from scripts.radiographs import check_radiograph, is_radiograph
+
+        if is_radiograph(path):
+            check_radiograph(path, max_voxels)
+            return
     path = readable_path(path)
     try:
         image = nib.load(path)

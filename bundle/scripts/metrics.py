@@ -9,7 +9,7 @@ computed from per-bin counts of positive and negative voxels (scores quantised t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from ignite.distributed import all_gather, all_reduce
@@ -82,9 +82,9 @@ class SampleAveragePrecision(Metric):
     """Scan-level AP: a sample is anomalous when any voxel's label reaches ``threshold``; its score is
     :func:`sample_score` of the predicted map."""
 
-    def __init__(self, top_fraction: float = 1e-2, threshold: float = 0.5,
+    def __init__(self, method: float | Mapping = 1e-2, threshold: float = 0.5,
                  output_transform: Callable = lambda x: x, device="cpu") -> None:
-        self.top_fraction = top_fraction
+        self.method = method
         self.threshold = threshold
         super().__init__(output_transform=output_transform, device=device)
 
@@ -95,7 +95,7 @@ class SampleAveragePrecision(Metric):
     def update(self, output: Sequence) -> None:
         predictions, labels = output
         for pred, label in zip(_as_list(predictions), _as_list(labels)):
-            self._scores.append(float(sample_score(pred.detach(), self.top_fraction)))
+            self._scores.append(float(sample_score(pred.detach(), self.method)))
             self._labels.append(float(label.detach().max() >= self.threshold))
 
     def compute(self) -> float:

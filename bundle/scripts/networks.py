@@ -6,13 +6,86 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-__all__ = ["SLIDING_WINDOW_OVERLAP", "make_inferer", "with_output_prior"]
+__all__ = ["EMPTY_SLICE_LOGIT", "SLIDING_WINDOW_OVERLAP", "SliceWiseNetwork", "make_inferer", "slices_with_foreground",
+           "with_output_prior"]
 
 # nnU-Net's sliding-window setting (Isensee et al. 2021): windows overlap by half, Gaussian-weighted so that the
 # centre of a window, where the network saw the most context, counts most
 SLIDING_WINDOW_OVERLAP = 0.5
+
+
+# the logit of a slice without foreground: its sigmoid is exactly 0.0 in float32 (and float16), while the loss of a
+# label 0 there stays finite (-inf would make binary cross-entropy's 0 * inf a NaN)
+EMPTY_SLICE_LOGIT = -1.0e4
+
+
+def slices_with_foreground(volume: torch.Tensor, slice_axis: int, fraction: float) -> torch.Tensor:
+    """Which slices of ``volume`` (C, *spatial; the network's input, already normalised) along spatial axis
+    ``slice_axis`` hold foreground by the preprocessing's rule (:class:`scripts.transforms.IntensityForeground`,
+    voxels above ``min + fraction (p99 - min)``): a boolean vector, one entry per slice. Training draws its slices
+    from these; inference gives the others 0. The rule is applied to the network's input itself, so training,
+    validation, calibration and inference agree on it without carrying the mask along."""
+    from scripts.transforms import IntensityForeground
+
+    mask = IntensityForeground(fraction)(volume)[0]
+    other = [a for a in range(mask.ndim) if a != slice_axis]
+    return mask.any(dim=other) if other else mask
+
+
+class SliceWiseNetwork(torch.nn.Module):
+    """A 2D network applied slice by slice to 3D volumes: the FPI system (Tan et al., MOOD 2020), whose network
+    sees one 2D slice at a time and whose per-slice maps are stacked back into the volume's map.
+
+    Inputs (B, C, H, W) go to the 2D network unchanged (training on slices). Inputs (B, C, *3 spatial) are cut
+    along spatial axis ``slice_axis``; the slices that hold foreground (:func:`slices_with_foreground`) run through
+    the network ``slice_batch`` at a time, and the others get :data:`EMPTY_SLICE_LOGIT` (probability 0). The output
+    has the input's shape and, for a MetaTensor input, its metadata (for ``Invertd`` downstream), so everything
+    downstream of the network (validation metrics, the ensemble, the MOOD writers) is the same as for 3D models.
+    """
+
+    def __init__(self, network: torch.nn.Module, slice_axis: int, foreground_fraction: float = 0.1,
+                 slice_batch: int = 16) -> None:
+        super().__init__()
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be a spatial axis of a volume, 0, 1 or 2, got {slice_axis!r}")
+        self.network = network
+        self.slice_axis = int(slice_axis)
+        self.foreground_fraction = float(foreground_fraction)
+        self.slice_batch = max(1, int(slice_batch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return self.network(x)
+        if x.ndim != 5:
+            raise ValueError(f"a slice-wise network takes (B, C, H, W) slices or (B, C, *3 spatial) volumes, got "
+                             f"shape {tuple(x.shape)}")
+        plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+        axis = 2 + self.slice_axis
+        outputs = []
+        for volume in plain:
+            keep = slices_with_foreground(volume, self.slice_axis, self.foreground_fraction)
+            slices = volume.movedim(axis - 1, 0)  # (S, C, h, w)
+            out = None
+            chosen = torch.nonzero(keep).flatten()
+            for start in range(0, len(chosen), self.slice_batch):
+                index = chosen[start:start + self.slice_batch]
+                predicted = self.network(slices[index])
+                if isinstance(predicted, MetaTensor):
+                    predicted = predicted.as_tensor()
+                if out is None:
+                    out = predicted.new_full((slices.shape[0], *predicted.shape[1:]), EMPTY_SLICE_LOGIT)
+                out[index] = predicted
+            if out is None:  # not one slice with foreground
+                out = plain.new_full((slices.shape[0], 1, *slices.shape[2:]), EMPTY_SLICE_LOGIT)
+            outputs.append(out.movedim(0, axis - 1))
+        result = torch.stack(outputs)
+        if isinstance(x, MetaTensor):
+            result = MetaTensor(result)
+            result.copy_meta_from(x)
+        return result
 
 
 def make_inferer(patch_size: Sequence[int] | None, sliding_window: bool = False,

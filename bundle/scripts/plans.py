@@ -27,6 +27,8 @@ import torch
 
 from scripts.data import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
 from scripts.files import load_json, save_json
+from scripts.networks import SliceWiseNetwork
+from scripts.postprocessing import sample_score_method
 from scripts.transforms import NORMALISATION_MODES
 
 __all__ = [
@@ -48,10 +50,10 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "plans.json"
 PLAN_FORMAT = 1
 # the plan's parts that versions do not change: two plans that agree on these describe the same model setup
-_SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "patch_size", "sliding_window",
+_SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "patch_size", "sliding_window", "slice_axis",
                "foreground_fraction", "normalisation", "split", "sample_score")
 # added to the format later, with the value every plan written before them means
-_LATER_KEYS = {"patch_size": None, "sliding_window": False}
+_LATER_KEYS = {"patch_size": None, "sliding_window": False, "slice_axis": None}
 
 
 class PlanConflictError(ValueError):
@@ -93,7 +95,8 @@ def split_record(scans: Sequence[str], num_train_tasks: int = 1, tasks: Sequence
 def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], normalisation: str,
               fingerprint: Mapping | None = None, foreground_fraction: float = 0.1, split: Mapping | None = None,
               sample_score_fraction: float = 0.01, patch_size: Sequence[int] | None = None,
-              sliding_window: bool = False) -> dict:
+              sliding_window: bool = False, slice_axis: int | None = None,
+              sample_score_aggregation: str = "mean_of_top_fraction") -> dict:
     """The plan of one dataset's models.
 
     Args:
@@ -110,6 +113,10 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
             the grid's and a multiple of the network's total downsampling.
         sliding_window: models trained on patches see a whole scan in sliding windows of the patch size (True) or
             in one pass (False), in validation and inference.
+        slice_axis: None for a 3D network; 0, 1 or 2 for a 2D network (``spatial_dims`` 2) trained on slices of the
+            working grid along that axis and applied slice by slice (:class:`scripts.networks.SliceWiseNetwork`).
+        sample_score_aggregation: ``mean_of_top_fraction`` or FPI's ``fpi_top_slices``
+            (:func:`scripts.postprocessing.sample_score_method`; its slices along ``slice_axis``, else axis 2).
     """
     if normalisation not in NORMALISATION_MODES:
         raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
@@ -117,6 +124,18 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
     if set(network) != {"name", "args"}:
         raise ValueError(f"network must be {{'name': ..., 'args': {{...}}}}, got keys {sorted(network)}")
+    dims = int(network["args"].get("spatial_dims", len(spatial_size)))
+    if slice_axis is not None:
+        if slice_axis not in (0, 1, 2) or len(spatial_size) != 3 or dims != 2:
+            raise ValueError(f"slice_axis {slice_axis!r}: a slice-wise model is a 2D network (spatial_dims 2, this one "
+                             f"has {dims}) on slices along axis 0, 1 or 2 of a 3D working grid {list(spatial_size)}")
+        if patch_size is not None:
+            raise ValueError("a slice-wise model trains on whole slices: patch_size must be null")
+        plane = [int(s) for a, s in enumerate(spatial_size) if a != slice_axis]
+        _checked_patch_size(plane, plane, network)  # the slice must pass the network's poolings
+    elif dims != len(spatial_size):
+        raise ValueError(f"a {dims}D network on a {len(spatial_size)}D working grid {list(spatial_size)}: set "
+                         "slice_axis for a 2D network on slices of the grid")
     if patch_size is not None:
         patch_size = _checked_patch_size(patch_size, spatial_size, network)
     plan = {
@@ -126,11 +145,12 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         "spatial_size": [int(s) for s in spatial_size],
         "patch_size": patch_size,
         "sliding_window": bool(sliding_window) and patch_size is not None,
+        "slice_axis": None if slice_axis is None else int(slice_axis),
         "foreground_fraction": float(foreground_fraction),
         "normalisation": {"mode": normalisation,
                           "fingerprint": dict(fingerprint) if normalisation == "fingerprint" else None},
         "split": None if split is None else dict(split),
-        "sample_score": {"aggregation": "mean_of_top_fraction", "top_fraction": float(sample_score_fraction)},
+        "sample_score": sample_score_method(sample_score_aggregation, sample_score_fraction, slice_axis),
         "versions": versions(),
     }
     return json.loads(json.dumps(plan))  # plain JSON types (tuples become lists), as read back from the file
@@ -150,14 +170,18 @@ def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], 
 
 
 def build_network(plan: Mapping) -> torch.nn.Module:
-    """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``)."""
+    """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``); for a plan with a
+    ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes."""
     from monai.networks import nets
 
     spec = plan["network"] if "network" in plan else plan
     network_class = getattr(nets, spec["name"], None)
     if network_class is None:
         raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")
-    return network_class(**copy.deepcopy(spec["args"]))
+    network = network_class(**copy.deepcopy(spec["args"]))
+    if "network" in plan and plan.get("slice_axis") is not None:
+        network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"])
+    return network
 
 
 def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
@@ -237,7 +261,7 @@ def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fin
         raise ValueError(f"the {dataset!r} models normalise with a fingerprint: pass one")
     return make_plan(get("dataset_name"), get("network_spec"), get("spatial_size"), mode, fingerprint,
                      get("foreground_fraction"), None, get("sample_score_fraction"), get("patch_size"),
-                     get("sliding_window"))
+                     get("sliding_window"), get("slice_axis"), get("sample_score_aggregation"))
 
 
 # ---- models trained before plans existed -------------------------------------------------------------------------

@@ -17,11 +17,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.files import write_atomically
+from scripts.files import is_scan, write_atomically
 from scripts.inference import ERROR, NAME, PATH, SERIES_UID, readable_path
 from scripts.niftiio import read_tolerantly, reverse_axes
 
-__all__ = ["DEFAULT_PIXEL_MAP_DTYPE", "PIXEL_MAP_DTYPES", "WritePixelMapd", "WriteSampleScored", "sample_score"]
+__all__ = ["DEFAULT_PIXEL_MAP_DTYPE", "PIXEL_MAP_DTYPES", "SAMPLE_SCORE_AGGREGATIONS", "WritePixelMapd",
+           "WriteSampleScored", "fpi_slice_score", "sample_score", "sample_score_method"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,61 @@ DEFAULT_PIXEL_MAP_DTYPE = "float16"
 _UINT16_STEPS = 65535
 
 
-def sample_score(prediction: torch.Tensor, top_fraction: float = 1e-2) -> torch.Tensor:
-    """Scan-level score from an anomaly map: the mean of its ``top_fraction`` highest voxels (at least one)."""
+# how a map becomes one score per scan (the plan's ``sample_score`` record names one):
+# - mean_of_top_fraction: the mean of the map's ``top_fraction`` highest voxels (the bundle's default);
+# - fpi_top_slices: FPI's (Tan et al., MOOD 2020): the mean of each slice along ``slice_axis``, smoothed along that
+#   axis by a Savitzky-Golay filter (polynomial order 2, a window of about ``window_fraction`` of the slices), then
+#   the mean of the ``top_slices`` fraction of the highest smoothed slices
+SAMPLE_SCORE_AGGREGATIONS = ("mean_of_top_fraction", "fpi_top_slices")
+FPI_TOP_SLICES, FPI_WINDOW_FRACTION, FPI_POLYORDER = 0.25, 0.1, 2
+
+
+def sample_score_method(aggregation: str = "mean_of_top_fraction", top_fraction: float = 1e-2,
+                        slice_axis: int | None = None) -> dict:
+    """The ``sample_score`` record of a plan: ``aggregation`` (:data:`SAMPLE_SCORE_AGGREGATIONS`) with its
+    parameters; ``fpi_top_slices`` cuts along ``slice_axis`` (default 2, the axial axis of the RAS grid)."""
+    if aggregation not in SAMPLE_SCORE_AGGREGATIONS:
+        raise ValueError(f"sample score aggregation must be one of {SAMPLE_SCORE_AGGREGATIONS}, got {aggregation!r}")
+    method = {"aggregation": aggregation, "top_fraction": float(top_fraction)}
+    if aggregation == "fpi_top_slices":
+        method.update(slice_axis=2 if slice_axis is None else int(slice_axis), top_slices=FPI_TOP_SLICES,
+                      window_fraction=FPI_WINDOW_FRACTION, polyorder=FPI_POLYORDER)
+    return method
+
+
+def fpi_slice_score(prediction: torch.Tensor, slice_axis: int = 2, top_slices: float = FPI_TOP_SLICES,
+                    window_fraction: float = FPI_WINDOW_FRACTION, polyorder: int = FPI_POLYORDER) -> torch.Tensor:
+    """FPI's sample score of a map (*spatial, or 1, *spatial): per-slice means along spatial axis ``slice_axis``,
+    smoothed by a Savitzky-Golay filter of about ``window_fraction`` of the slices (an odd window, at least
+    ``polyorder + 2``; none when the map has fewer slices), then the mean of the highest ``top_slices`` fraction
+    (at least one)."""
+    from scipy.signal import savgol_filter
+
+    spatial = prediction.reshape(prediction.shape[-3:]).float() if prediction.ndim >= 3 else prediction.float()
+    means = spatial.movedim(slice_axis, 0).reshape(spatial.shape[slice_axis], -1).mean(dim=1)
+    window = max(polyorder + 2, int(round(window_fraction * means.numel())))
+    window += 1 - window % 2  # odd
+    if window <= means.numel():
+        smoothed = savgol_filter(means.cpu().double().numpy(), window, polyorder)
+        means = torch.as_tensor(smoothed, dtype=torch.float32, device=prediction.device)
+    k = max(1, int(round(top_slices * means.numel())))
+    return means.topk(k).values.mean()
+
+
+def sample_score(prediction: torch.Tensor, method: float | Mapping = 1e-2) -> torch.Tensor:
+    """Scan-level score from an anomaly map (*spatial, or 1, *spatial): ``method`` is a plan's ``sample_score``
+    record (:func:`sample_score_method`) or a number, the top fraction of ``mean_of_top_fraction``: the mean of
+    that fraction of the map's highest voxels (at least one)."""
+    if isinstance(method, Mapping):
+        if method.get("aggregation") == "fpi_top_slices":
+            return fpi_slice_score(prediction, method["slice_axis"], method["top_slices"], method["window_fraction"],
+                                   method["polyorder"])
+        if method.get("aggregation") != "mean_of_top_fraction":
+            raise ValueError(f"unknown sample score aggregation {method.get('aggregation')!r}; this bundle knows "
+                             f"{SAMPLE_SCORE_AGGREGATIONS}")
+        method = method["top_fraction"]
     flat = prediction.reshape(-1).float()
-    k = max(1, int(round(top_fraction * flat.numel())))
+    k = max(1, int(round(float(method) * flat.numel())))
     return flat.topk(k).values.mean()
 
 
@@ -78,10 +130,10 @@ def _finite_affine(source, pred) -> np.ndarray:
 
 
 class _LoadedGrid:
-    """The grid a DICOM series was loaded on, as the map carries it after the inverse transforms: its shape, its
-    affine (RAS; MONAI's PydicomReader converts DICOM's LPS) and a NIfTI header for it. The coordinates are the
-    patient's, so both NIfTI codes say "scanner"; a sheared affine (a gantry tilt), which the qform cannot hold,
-    only in the sform, so that no viewer reads an approximation."""
+    """The grid a DICOM series (or a 2D image: PNG, JPEG, DICOM) was loaded on, as the map carries it after the
+    inverse transforms: its shape, its affine (RAS; MONAI's PydicomReader converts DICOM's LPS) and a NIfTI header
+    for it. The coordinates are the patient's, so both NIfTI codes say "scanner"; a sheared affine (a gantry tilt),
+    which the qform cannot hold, only in the sform, so that no viewer reads an approximation."""
 
     def __init__(self, pred) -> None:
         if not isinstance(pred, MetaTensor):
@@ -99,13 +151,13 @@ class _LoadedGrid:
 
 class WritePixelMapd(MapTransform):
     """Writes ``<output_dir>/<input name>``: the anomaly map as a NIfTI with the input file's shape and affine (MOOD
-    pixel task; for a DICOM series, an item with a ``series_uid``, the shape and affine of the grid MONAI loaded it
-    on, which the map carries after the inverse transforms: Columns x Rows x slices in InstanceNumber order, in
-    RAS, :mod:`scripts.dicomio`), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the
+    pixel task; for a DICOM series (an item with a ``series_uid``) or a 2D image, the shape and affine of the grid
+    MONAI loaded it on, which the map carries after the inverse transforms: Columns x Rows (x slices in InstanceNumber
+    order, in RAS, :mod:`scripts.dicomio`)), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the
     probabilities rounded to float16 in a float32 file, ``uint16`` round(65535 p) with scale slope 1/65535,
     ``float32`` the probabilities themselves. Expects the map already brought back to the input grid; it is put in
-    NIfTI's voxel order, cleaned (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the
-    host once."""
+    NIfTI's voxel order, cleaned (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the host
+    once."""
 
     def __init__(self, keys: str = "pred", output_dir: str | Path = ".", dtype: str = DEFAULT_PIXEL_MAP_DTYPE,
                  allow_missing_keys: bool = True) -> None:
@@ -131,8 +183,9 @@ class WritePixelMapd(MapTransform):
             logger.error("%s: no pixel map written: %s", d[NAME], d[ERROR])
             _remove_stale(self.output_dir / d[NAME])
             return d
-        # the header only; a DICOM series' grid is the map's own (below)
-        source = None if d.get(SERIES_UID) else read_tolerantly(lambda: nib.load(readable_path(d[PATH])), d[NAME])
+        # the header only; a DICOM series' or a 2D image's grid is the map's own (below)
+        source = (None if d.get(SERIES_UID) or not is_scan(d[PATH])
+                  else read_tolerantly(lambda: nib.load(readable_path(d[PATH])), d[NAME]))
         for key in self.key_iterator(d):
             source = source if source is not None else _LoadedGrid(d[key])
             try:
@@ -150,17 +203,17 @@ class WritePixelMapd(MapTransform):
 
 
 class WriteSampleScored(MapTransform):
-    """Writes ``<output_dir>/<input name>.txt`` with one float in [0, 1] (MOOD sample task): the mean of the
-    ``top_fraction`` highest voxels of the working-grid map (:func:`sample_score`, the same
-    aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
+    """Writes ``<output_dir>/<input name>.txt`` with one float in [0, 1] (MOOD sample task), aggregated from the
+    working-grid map by ``method``, the plan's ``sample_score`` record or a top fraction (:func:`sample_score`,
+    the same aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
 
-    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", top_fraction: float = 1e-2,
+    def __init__(self, keys: str = "pred", output_dir: str | Path = ".", method: float | Mapping = 1e-2,
                  fallback_score: float = 1.0, allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= fallback_score <= 1.0:
             raise ValueError(f"fallback_score must be in [0, 1], got {fallback_score}")
         self.output_dir = Path(output_dir)
-        self.top_fraction = top_fraction
+        self.method = method
         self.fallback_score = fallback_score
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -172,7 +225,7 @@ class WriteSampleScored(MapTransform):
         else:
             key = self.first_key(d)
             values = torch.nan_to_num(_plain_tensor(d[key]), nan=0.0)  # on the map's device
-            score = float(sample_score(values, self.top_fraction).clamp(0.0, 1.0))
+            score = float(sample_score(values, self.method).clamp(0.0, 1.0))
         if not math.isfinite(score):
             score = self.fallback_score
         path = write_atomically(self.output_dir / f"{d[NAME]}.txt", lambda tmp: tmp.write_text(f"{score:.6f}\n"))

@@ -25,6 +25,8 @@ __all__ = [
     "IntensityForegroundd",
     "NormaliseIntensity",
     "NormaliseIntensityd",
+    "RadiographIntensity",
+    "RadiographIntensityd",
     "RandSyntheticAnomalyd",
     "TimedCompose",
 ]
@@ -47,7 +49,7 @@ def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
 # Beyond 2^60 in magnitude the squares that a z-score sums overflow float32 (2^128); below 2^-60 a float64
 # scan's values round to zero in float32. Scans are far inside: HU are below 2^12, MR arbitrary units below 2^20.
 SAFE_MAGNITUDE = 2.0**60
-NORMALISATION_MODES = ("zscore", "robust", "fingerprint")
+NORMALISATION_MODES = ("zscore", "robust", "fingerprint", "none")
 
 
 def _source(img: NdarrayOrTensor) -> str:
@@ -203,7 +205,8 @@ class NormaliseIntensity(Transform):
     99.5 percentiles, nnU-Net's CT clipping taken per scan, so that metal and air do not dominate the
     statistics. ``mode="fingerprint"`` (CT, as nnU-Net: Isensee et al., Nature Methods 2021): clip to the
     training data's foreground 0.5 and 99.5 percentiles and standardise with its mean and standard deviation,
-    all read from ``fingerprint`` (a dict or a JSON file written by training).
+    all read from ``fingerprint`` (a dict or a JSON file written by training). ``mode="none"``: unchanged, for
+    images the preprocessing has normalised already (radiographs, :class:`RadiographIntensity`).
 
     ``zscore`` and ``robust`` give the same output for a scan under any increasing affine rescaling of its
     intensities (Hounsfield units, [0, 1], ``x * 3 + 100``); ``fingerprint`` fixes the unit of the training
@@ -223,31 +226,49 @@ class NormaliseIntensity(Transform):
         self.mode = mode
         self.fingerprint = fingerprint
 
-    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
-        """``mask``: the foreground (spatial shape, channel-first or not), used by ``zscore`` only."""
-        values = _tensor(img).float()
+    def parameters(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> tuple[float, ...]:
+        """``(low, high, mean, scale)``: the scan's normalisation is ``(clamp(x, low, high) - mean) / scale`` (no
+        clamp in ``zscore``: infinite bounds). ``mask``: the foreground (spatial shape, channel-first or not),
+        for ``zscore`` and ``robust``. Separate from :meth:`apply` so that part of a scan (a slice) can be
+        normalised with the whole scan's statistics."""
+        if self.mode == "none":  # already normalised by the preprocessing (radiographs: equalised onto [-1, 1])
+            return -math.inf, math.inf, 0.0, 1.0
         if self.mode == "fingerprint":
             fp = self.fingerprint
-            values = values.clamp(fp["percentile_00_5"], fp["percentile_99_5"])
-            out = (values - fp["mean"]) / max(fp["std"], 1e-8)
-        else:
-            spatial = values.shape[1:]
-            fg = (
-                _tensor(mask, device=values.device).bool().reshape(spatial)
-                if mask is not None else torch.ones(spatial, dtype=torch.bool, device=values.device)
-            )
-            selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
-            if self.mode == "robust" and selected.numel():
-                flat = selected.reshape(-1)  # order statistics of at most ~4M values (torch.quantile's limit: 2^24)
-                sample = flat[:: max(1, math.ceil(flat.numel() / (1 << 22)))]
-                low, high = (float(v) for v in torch.quantile(sample.double(), torch.tensor(
-                    [0.005, 0.995], dtype=torch.float64, device=sample.device)))
-                values, selected = values.clamp(low, high), selected.clamp(low, high)
-            std = float(selected.std()) if selected.numel() > 1 else 0.0
-            # a relative guard: a scan given at any scale (even 1e-12) is standardised; only a constant one is not
-            scale = float(selected.abs().max()) if selected.numel() else 0.0
-            out = (values - selected.mean()) / (std if std > 1e-6 * scale and std > 0 else 1.0)
-        return convert_to_dst_type(out, img, dtype=torch.float32)[0]
+            return (float(fp["percentile_00_5"]), float(fp["percentile_99_5"]), float(fp["mean"]),
+                    max(float(fp["std"]), 1e-8))
+        values = _tensor(img).float()
+        spatial = values.shape[1:]
+        fg = (
+            _tensor(mask, device=values.device).bool().reshape(spatial)
+            if mask is not None else torch.ones(spatial, dtype=torch.bool, device=values.device)
+        )
+        selected = values[:, fg] if bool(fg.any()) else values.reshape(values.shape[0], -1)
+        low, high = -math.inf, math.inf
+        if self.mode == "robust" and selected.numel():
+            flat = selected.reshape(-1)  # order statistics of at most ~4M values (torch.quantile's limit: 2^24)
+            sample = flat[:: max(1, math.ceil(flat.numel() / (1 << 22)))]
+            low, high = (float(v) for v in torch.quantile(sample.double(), torch.tensor(
+                [0.005, 0.995], dtype=torch.float64, device=sample.device)))
+            selected = selected.clamp(low, high)
+        std = float(selected.std()) if selected.numel() > 1 else 0.0
+        # a relative guard: a scan given at any scale (even 1e-12) is standardised; only a constant one is not
+        extent = float(selected.abs().max()) if selected.numel() else 0.0
+        mean = float(selected.mean()) if selected.numel() else 0.0
+        return low, high, mean, (std if std > 1e-6 * extent and std > 0 else 1.0)
+
+    @staticmethod
+    def apply(img: NdarrayOrTensor, parameters: Sequence[float]) -> NdarrayOrTensor:
+        """``img`` normalised by :meth:`parameters` (of it, or of the scan it is part of); float32 of its type."""
+        low, high, mean, scale = parameters
+        values = _tensor(img).float()
+        if math.isfinite(low) or math.isfinite(high):
+            values = values.clamp(low, high)
+        return convert_to_dst_type((values - mean) / scale, img, dtype=torch.float32)[0]
+
+    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
+        """``mask``: the foreground (spatial shape, channel-first or not), used by ``zscore`` and ``robust``."""
+        return self.apply(img, self.parameters(img, mask))
 
 
 class NormaliseIntensityd(MapTransform):
@@ -273,6 +294,66 @@ class NormaliseIntensityd(MapTransform):
         mask = d.get(self.foreground_key) if self.foreground_key is not None else None
         for key in self.key_iterator(d):
             d[key] = self.normaliser(d[key], mask=mask)
+        return d
+
+
+def _dicom_value(meta: Mapping, tag: str):
+    """The first value of DICOM attribute ``tag`` (8 hex digits) in MONAI ``PydicomReader`` metadata, or None."""
+    entry = meta.get(tag)
+    value = entry.get("Value") if isinstance(entry, Mapping) else entry
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value
+
+
+class RadiographIntensity(Transform):
+    """The chest radiograph preprocessing of "Many tasks make light work" (Baugh et al., MICCAI 2023, section 3): one
+    grey channel (the mean of a colour image's), the DICOM window where the file has one (WindowCenter and
+    WindowWidth, DICOM PS3.3 C.11.2.1.2: clipped to center -/+ width / 2), MONOCHROME1 inverted (so that dense is
+    bright, as in MONOCHROME2), then histogram equalisation (each value replaced by the fraction of pixels below
+    it, over ``bins`` bins) onto [-1, 1]. Equalisation makes any monotone intensity mapping of an image (a
+    detector's, a PNG export's gamma) give the same input. Returns (1, *spatial) float32 of the input's type."""
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, bins: int = 4096) -> None:
+        self.bins = int(bins)
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        meta = getattr(img, "meta", None) or {}
+        values = _tensor(img).float().mean(dim=0, keepdim=True)
+        center, width = _dicom_value(meta, "00281050"), _dicom_value(meta, "00281051")
+        if center is not None and width is not None and float(width) > 0:
+            values = values.clamp(float(center) - float(width) / 2, float(center) + float(width) / 2)
+        if str(_dicom_value(meta, "00280004") or "").strip().upper() == "MONOCHROME1":
+            values = values.max() + values.min() - values
+        low, high = float(values.min()), float(values.max())
+        if high > low:
+            counts = torch.histc(values, bins=self.bins, min=low, max=high)
+            cdf = counts.cumsum(0) / counts.sum()
+            position = (values - low) / (high - low) * (self.bins - 1)  # linear between the bins' upper edges
+            below = position.floor().long().clamp(0, self.bins - 1)
+            above = (below + 1).clamp(max=self.bins - 1)
+            weight = position - below
+            values = ((1 - weight) * cdf[below] + weight * cdf[above]) * 2 - 1
+        else:
+            values = torch.zeros_like(values)
+        return convert_to_dst_type(values, img, dtype=torch.float32)[0]
+
+
+class RadiographIntensityd(MapTransform):
+    """Dictionary wrapper of :class:`RadiographIntensity`."""
+
+    backend = RadiographIntensity.backend
+
+    def __init__(self, keys: KeysCollection = "image", bins: int = 4096, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = RadiographIntensity(bins)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
         return d
 
 

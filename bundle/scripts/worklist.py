@@ -43,12 +43,12 @@ class SummariseMapd(MapTransform):
     foreground voxels, ``foreground_key``, above ``voxel_threshold``, the rate being one of foreground voxels); the
     last two are None without a threshold. Failed cases pass unchanged."""
 
-    def __init__(self, keys: str = "pred", top_fraction: float = 1e-2, sample_threshold: float | None = None,
+    def __init__(self, keys: str = "pred", method: float | Mapping = 1e-2, sample_threshold: float | None = None,
                  voxel_threshold: float | None = None, foreground_key: str = "foreground",
                  allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         self.foreground_key = foreground_key
-        self.top_fraction = top_fraction
+        self.method = method
         self.sample_threshold = sample_threshold
         self.voxel_threshold = voxel_threshold
 
@@ -61,12 +61,13 @@ class SummariseMapd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             values = torch.nan_to_num(torch.as_tensor(pred).detach().float(), nan=0.0).clamp(0.0, 1.0)
-            spatial = values.reshape(values.shape[-3:]) if values.ndim > 3 else values
-            d["score"] = float(sample_score(spatial, self.top_fraction))
+            spatial = values[0] if values.ndim >= 3 and values.shape[0] == 1 else values  # channel first: drop it
+            d["score"] = float(sample_score(spatial, self.method))
             peak = int(torch.argmax(spatial))
             d["map_max"] = float(spatial.reshape(-1)[peak])
             affine = np.asarray(pred.affine, dtype=np.float64) if isinstance(pred, MetaTensor) else np.eye(4)
             index = np.unravel_index(peak, tuple(spatial.shape))
+            index = [*index, *[0] * (3 - len(index))]  # a 2D image's pixel: its plane is the first of the affine's
             d["max_location_mm"] = [float(c) for c in (affine @ np.array([*index, 1.0]))[:3]]
             # the score as the .txt file holds it, against a threshold set from scores recorded the same way
             d["flagged"] = None if self.sample_threshold is None else round(d["score"], 6) > self.sample_threshold

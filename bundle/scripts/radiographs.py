@@ -1,0 +1,209 @@
+"""Native 2D images: chest radiographs, as in "Many tasks make light work" (Baugh et al., MICCAI 2023, section 3).
+Finding PNG, JPEG and single-image DICOM files (training and inference), their checks from the header alone, the
+reader for ``LoadImaged``, and the PNG overlay of a map on its image (``configs/xray.yaml`` uses them all; the
+preprocessing transform is :class:`scripts.transforms.RadiographIntensityd`).
+
+Axis order: MONAI's ``PILReader`` and ``PydicomReader`` both return a 2D image as (columns, rows), i.e. the
+transpose of its row-major pixel array, and the maps are written in that order (a 2D NIfTI, ``<stem>.nii.gz``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from monai.data import ImageReader, PILReader, PydicomReader
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple
+
+from scripts.files import write_atomically
+
+__all__ = ["RADIOGRAPH_SUFFIXES", "RadiographReader", "WriteOverlayd", "check_radiograph", "is_radiograph",
+           "list_radiograph_inputs", "list_radiographs", "output_name"]
+
+logger = logging.getLogger(__name__)
+
+RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _is_dicom(path: str | os.PathLike) -> bool:
+    try:
+        return pydicom.misc.is_dicom(path)
+    except OSError:
+        return False
+
+
+def is_radiograph(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like a 2D image this bundle reads (PNG, JPEG, ``.dcm``), or is a DICOM Part 10 file
+    by its content, whatever its name."""
+    name = Path(path).name.lower()
+    return name.endswith(RADIOGRAPH_SUFFIXES) or (Path(path).is_file() and _is_dicom(path))
+
+
+def check_radiograph(path: str | os.PathLike, max_pixels: int) -> None:
+    """Raise ValueError with the reason when ``path`` is not one readable 2D image, from its header alone (nothing
+    decoded): a picture PIL cannot identify, a DICOM file without one grey or colour frame, or more pixels than
+    ``max_pixels``."""
+    path = str(path)
+    if _is_dicom(path):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:  # pydicom raises many types for a damaged header
+            raise ValueError(f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        if frames != 1:
+            raise ValueError(f"a DICOM file of {frames} frames: only single-image radiographs are read here")
+        rows, columns = int(getattr(header, "Rows", 0) or 0), int(getattr(header, "Columns", 0) or 0)
+        if rows < 1 or columns < 1:
+            raise ValueError(f"a DICOM file without an image (Rows {rows}, Columns {columns})")
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as picture:  # reads the header only
+                columns, rows = picture.size
+                frames = getattr(picture, "n_frames", 1)
+        except Exception as err:  # PIL raises many types, DecompressionBombError included
+            raise ValueError(f"not a readable PNG or JPEG image ({type(err).__name__}: {err})") from err
+        if frames != 1:
+            raise ValueError(f"an image of {frames} frames: one radiograph per file")
+    if rows * columns > max_pixels:
+        raise ValueError(f"the header claims {columns}x{rows} = {rows * columns} pixels, more than max_scan_voxels "
+                         f"({max_pixels}); raise it if such images are real")
+
+
+def list_radiographs(folder: str | os.PathLike, check_headers: bool = True) -> list[str]:
+    """The 2D images of ``folder`` (training: PNG, JPEG, DICOM files), sorted; a clear error for a missing or empty
+    folder, or (with ``check_headers``) a file that is not one readable image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
+    images = sorted(str(p) for p in folder.iterdir() if p.is_file() and is_radiograph(p))
+    if not images:
+        raise ValueError(f"dataset folder {str(folder)!r} holds no PNG, JPEG or DICOM images")
+    if check_headers:
+        for image in images:
+            try:
+                check_radiograph(image, 2**31)
+            except ValueError as err:
+                raise ValueError(f"image {image!r}: {err}") from None
+    return images
+
+
+def output_name(path: str | os.PathLike, taken: set[str]) -> str:
+    """The outputs' name of an image: its stem with ``.nii.gz`` (its map is a NIfTI, its score ``<name>.txt``, as for
+    the MOOD volumes), made unique against ``taken`` (``a.png`` and ``a.dcm`` give ``a.nii.gz`` and
+    ``a_dcm.nii.gz``)."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    name = f"{stem}.nii.gz"
+    if name in taken:
+        name = f"{stem}_{path.suffix.lstrip('.').lower() or 'file'}.nii.gz"
+    number = 2
+    while name in taken:
+        name = f"{stem}_{number}.nii.gz"
+        number += 1
+    taken.add(name)
+    return name
+
+
+def list_radiograph_inputs(input_dir: str | os.PathLike) -> list[dict]:
+    """One inference item per 2D image directly in ``input_dir`` (PNG, JPEG, DICOM by suffix or content), sorted by
+    file name, with the keys of :func:`scripts.inference.list_inputs`: ``name`` (:func:`output_name`),
+    ``image_path``, ``image``, ``source`` (the file name) and ``series_uid`` (the DICOM's SeriesInstanceUID, or "").
+    Other files and subfolders are named in the log and skipped; a folder without any image is an error."""
+    from scripts.inference import NAME, PATH, SERIES_UID, SOURCE
+
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder {str(folder)!r} does not exist or is not a folder")
+    items, taken = [], set()
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() and is_radiograph(path)):
+            logger.warning("skipping %r: not a PNG, JPEG or DICOM image file", path.name)
+            continue
+        uid = ""
+        if _is_dicom(path):
+            try:
+                uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                          .get("SeriesInstanceUID", ""))
+            except Exception:  # an unreadable header: the case fails with its reason when it is read
+                uid = ""
+        items.append({NAME: output_name(path, taken), PATH: str(path), "image": str(path), SOURCE: path.name,
+                      SERIES_UID: uid})
+    if not items:
+        raise ValueError(f"input folder {str(folder)!r} holds no PNG, JPEG or DICOM images")
+    return items
+
+
+class RadiographReader(ImageReader):
+    """``LoadImaged``'s reader of 2D images: DICOM files (by content, whatever their name) through MONAI's
+    ``PydicomReader`` with the whole header kept (the window and photometric attributes the preprocessing reads),
+    PNG and JPEG through MONAI's ``PILReader``. Both give (columns, rows)."""
+
+    def verify_suffix(self, filename) -> bool:
+        return all(is_radiograph(name) for name in ensure_tuple(filename))
+
+    def read(self, data, **kwargs):
+        name = str(ensure_tuple(data)[0])
+        reader = PydicomReader(prune_metadata=False) if _is_dicom(name) else PILReader()
+        return reader, reader.read(name, **kwargs)
+
+    def get_data(self, img):
+        reader, image = img
+        with warnings.catch_warnings():
+            # a radiograph has no ImagePositionPatient (DX: PS3.3 A.26): the pixel grid is the image's own
+            warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient", category=UserWarning)
+            return reader.get_data(image)
+
+
+def _grey_uint8(image: torch.Tensor) -> np.ndarray:
+    """The preprocessed image ([-1, 1], (1, columns, rows)) as 8-bit grey in row-major display order."""
+    grey = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return grey.T.cpu().numpy()
+
+
+def _heat(probability: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as RGB, black-red-yellow-white (a perceptually ordered heat map)."""
+    p = np.clip(probability, 0, 1)[..., None]
+    return np.clip(np.concatenate([3 * p, 3 * p - 1, 3 * p - 2], axis=-1), 0, 1)
+
+
+class WriteOverlayd(MapTransform):
+    """Writes ``<output_dir>/<stem>_overlay.png``: the map at ``keys`` drawn over the preprocessed image at
+    ``image_key`` (both on the working grid, before the map goes back to the input's), as a heat map whose opacity is
+    the anomaly probability, so normal tissue stays the image and anomalies glow. Nothing for a failed case."""
+
+    def __init__(self, keys: str = "pred", image_key: str = "image", output_dir: str | Path = ".",
+                 allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from PIL import Image
+
+        from scripts.inference import ERROR, NAME
+
+        d = dict(data)
+        stem = str(d[NAME]).removesuffix(".nii.gz")
+        target = self.output_dir / f"{stem}_overlay.png"
+        if d.get(ERROR):
+            if target.is_file():
+                target.unlink()
+            return d
+        for key in self.key_iterator(d):
+            grey = _grey_uint8(torch.as_tensor(d[self.image_key]))
+            probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0).T.cpu().numpy()
+            alpha = np.clip(probability, 0, 1)[..., None]
+            picture = (1 - alpha) * (grey[..., None] / 255.0) + alpha * _heat(probability)
+            pixels = (picture * 255).round().astype(np.uint8)
+            write_atomically(target, lambda tmp, rgb=pixels: Image.fromarray(rgb).save(tmp, format="PNG"))
+        return d
