@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def write_normals(data_dir: Path, datasets, n_train: int, size: int) -> None:
 
 
 def training_command(dataset: str, kind: str, data_dir: Path, foreign: str, run_dir: Path, budget: float,
-                     max_val_samples: int) -> list[str]:
+                     max_val_samples: int, extra: list[str] = ()) -> list[str]:
     configs = [str(REPO / "bundle" / "configs" / name)
                for name in ("common.yaml", "train.yaml", f"{dataset}.yaml", *KINDS[kind])]
     return [sys.executable, "-m", "scripts.training", "--config_file", *configs, "--output_dir", str(run_dir),
@@ -62,11 +63,11 @@ def training_command(dataset: str, kind: str, data_dir: Path, foreign: str, run_
             "--foreign_dir", str(data_dir / foreign / f"{foreign}_train"), "--no_calibration",
             "--time_budget", str(budget), "--max_epochs", "1000", "--early_stop_patience", "1000",
             "--val_interval", "2", "--val_at_start", "False", "--max_val_samples", str(max_val_samples),
-            "--num_workers", "1", "--seed", "0"]
+            "--num_workers", "1", "--seed", "0", *extra]
 
 
 def train_kinds(dataset: str, data_dir: Path, foreign: str, work_dir: Path, budget: float,
-                max_val_samples: int) -> dict:
+                max_val_samples: int, extra: list[str] = ()) -> dict:
     """Both kinds at once, the cores split between them; returns each kind's run folder, seconds and folds."""
     threads = max(1, (os.cpu_count() or 2) // len(KINDS))
     env = dict(os.environ, PYTHONPATH=str(REPO / "bundle"), OMP_NUM_THREADS=str(threads),
@@ -75,7 +76,7 @@ def train_kinds(dataset: str, data_dir: Path, foreign: str, work_dir: Path, budg
     for kind in KINDS:
         run_dir = work_dir / "runs" / dataset / kind
         log = (work_dir / "runs" / f"{dataset}_{kind}.log").open("w")
-        command = training_command(dataset, kind, data_dir, foreign, run_dir, budget, max_val_samples)
+        command = training_command(dataset, kind, data_dir, foreign, run_dir, budget, max_val_samples, extra)
         processes[kind] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
                            run_dir, log)
     out = {}
@@ -120,6 +121,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-slicewise")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "slicewise.json")
     parser.add_argument("--skip_training", action="store_true", help="score the models an earlier run trained")
+    parser.add_argument("--train_args", default="", help="further training settings of both kinds, e.g. "
+                        "\"--spatial_size [32,32,32] --network_depth 3\" (the tests' tiny models)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir.resolve()
     data_dir = work_dir / "data"
@@ -131,7 +134,8 @@ def main(argv=None) -> dict:
         if args.skip_training and args.json.is_file():
             training[dataset] = load_json(args.json)["training"][dataset]
         else:
-            training[dataset] = train_kinds(dataset, data_dir, foreign, work_dir, args.budget, args.max_val_samples)
+            training[dataset] = train_kinds(dataset, data_dir, foreign, work_dir, args.budget, args.max_val_samples,
+                                            shlex.split(args.train_args))
         print(f"{dataset}: trained in {max(k['seconds'] for k in training[dataset].values()):.0f} s", flush=True)
     quality = {}
     for dataset in args.datasets:

@@ -287,7 +287,7 @@ def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
     for target in (["infer", f"IN={tmp_path}", f"OUT={tmp_path / 'out'}"], ["train", f"DATA={tmp_path}"]):
         result = subprocess.run(["make", "-n", *target, "DATASET=liver"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=60)
-        assert result.returncode != 0 and "DATASET must be one of: brain abdom; got 'liver'" in result.stderr
+        assert result.returncode != 0 and "DATASET must be one of: brain abdom xray; got 'liver'" in result.stderr
         assert "Traceback" not in result.stderr
 
 

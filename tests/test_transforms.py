@@ -169,13 +169,15 @@ DICT_TRANSFORMS = [
 def test_public_names_and_monai_base_classes():
     assert sorted(transforms_module.__all__) == sorted([
         "FiniteIntensity", "FiniteIntensityd", "IntensityForeground", "IntensityForegroundd",
-        "NormaliseIntensity", "NormaliseIntensityd", "RandSyntheticAnomalyd", "TimedCompose",
+        "NormaliseIntensity", "NormaliseIntensityd", "RadiographIntensity", "RadiographIntensityd",
+        "RandSyntheticAnomalyd", "TimedCompose",
     ])
     assert all(hasattr(transforms_module, name) for name in transforms_module.__all__)
     assert not hasattr(transforms_module, "ForegroundMaskd")  # the name of an unrelated (Otsu) MONAI transform
     both = {TransformBackends.TORCH, TransformBackends.NUMPY}
     for array, dictionary in ((FiniteIntensity, FiniteIntensityd), (IntensityForeground, IntensityForegroundd),
-                              (NormaliseIntensity, NormaliseIntensityd)):
+                              (NormaliseIntensity, NormaliseIntensityd),
+                              (transforms_module.RadiographIntensity, transforms_module.RadiographIntensityd)):
         assert issubclass(array, Transform) and not issubclass(array, MapTransform)
         assert issubclass(dictionary, MapTransform)
         assert set(array.backend) == both and dictionary.backend == array.backend

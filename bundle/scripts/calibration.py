@@ -304,7 +304,11 @@ def _normals_of_folder(parser, normals_dir: str | os.PathLike, max_normals: int 
     does (the config's ``inputs``: volumes, or 2D images with xray.yaml)."""
     parser["dataset_dir"] = str(normals_dir)
     preprocessing, normalise = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("normalise")
-    inputs = _evenly(parser.get_parsed_content("inputs"), max_normals)
+    try:
+        found = parser.get_parsed_content("inputs")
+    except RuntimeError as err:  # MONAI's "Failed to evaluate" around the finder's own clear error
+        raise (err.__cause__ or err) from None
+    inputs = _evenly(found, max_normals)
     return inputs, (normalise(preprocessing({"image": item["image"]})) for item in inputs)
 
 
