@@ -293,7 +293,7 @@ def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
 
 ARGPARSE_ENTRY_POINTS = ["scripts.training", "scripts.plans", "scripts.calibration", "scripts.evaluate",
                          "scripts.export", "tools.demo", "tools.report", "tools.preview", "tools.phantoms",
-                         "tools.toy_data", "tools.hostile_inputs"]
+                         "tools.toy_data", "tools.hostile_inputs", "tools.xray_phantom"]
 
 
 @pytest.mark.parametrize("module", ARGPARSE_ENTRY_POINTS)
