@@ -449,3 +449,39 @@ def test_report_in_a_real_browser(plain, tmp_path):
     wide.write_text(html_path.read_text().replace("<h1>", "<div style='width:2400px'>wide</div><h1>", 1))
     numbers = measure(wide, width=1400, height=1000)
     assert numbers["scrollWidth"] > numbers["clientWidth"]
+
+
+def test_radiographs_get_one_view_each_with_the_map_where_it_is(tmp_path):
+    """2D images (xray.yaml's inputs, here the chest phantom with its labels): one view per
+    case, at least 300 px, the picture's aspect; AP equal to evaluate.py; the map's hot spot drawn where it lies in
+    the picture (a transposed view would put it elsewhere)."""
+    from tools.xray_phantom import write_xray_dataset
+
+    written = write_xray_dataset(tmp_path / "data", n_train=0, n_toy=4, seed=3, size=48)
+    data = Path(written["root"])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for index, name in enumerate(sorted(written["cases"])):
+        label = np.asarray(nib.load(data / "toy_label/pixel" / name).dataobj).astype(np.float32)
+        values = 0.05 * np.ones_like(label)
+        if index == 0:  # a normal case's map with a hot spot at column 40, row 8 (the picture's top right)
+            values[38:43, 6:11] = 0.95
+        values = np.maximum(values, 0.9 * label)
+        nib.save(nib.Nifti1Image(values, np.eye(4)), pred / name)
+        (pred / f"{name}.txt").write_text(f"{values.max():.6f}\n")
+    html_path = write_report(data, pred, pred, tmp_path / "out")
+    text = html_path.read_text()
+    views = _slices(text)
+    assert len(views) == 4 and all(v["letters"] == {} for v in views)  # one per case, no patient letters
+    for view in views:
+        assert max(view["width"], view["height"]) >= 300 and view["width"] == view["height"]  # 48 x 48
+    official = evaluate(data, pred, "pixel")
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    overall = summary["metrics"][0]
+    assert overall["group"] == "overall"
+    assert overall["pixel"]["average_precision"] == pytest.approx(official["average_precision"], abs=1e-9)
+    first = next(v for v in views if v["alt"].startswith("toy_0000"))
+    redness = first["png"][..., 0].astype(int) - first["png"][..., 2].astype(int)
+    row, column = np.unravel_index(np.argmax(ndi.uniform_filter(redness.astype(float), 15)), redness.shape)
+    scale = first["width"] / 48
+    assert abs(column / scale - 40) < 4 and abs(row / scale - 8) < 4

@@ -261,11 +261,17 @@ def _collect(layout: dict, pixel_dir: Path | None, sample_dir: Path | None, rows
         if scan is not None:
             seen_scans.add(scan.resolve())
     files = sorted(p for p in scans_dir.iterdir() if _is_scan(p)) if scans_dir.is_dir() else []
-    for scan in files:
-        if scan.resolve() in seen_scans or scan.name in seen_names:
+    named = [(scan.name, scan) for scan in files]
+    if scans_dir.is_dir() and not files:  # 2D images (xray.yaml), named as the bundle names their outputs
+        from scripts.radiographs import is_radiograph, list_radiograph_inputs
+
+        if any(is_radiograph(p) for p in scans_dir.iterdir() if p.is_file()):
+            named = [(item["name"], Path(item["image_path"])) for item in list_radiograph_inputs(scans_dir)]
+    for name, scan in named:
+        if scan.resolve() in seen_scans or name in seen_names:
             continue
-        cases.append(_new_case(scan.name, scan, source=scan.name, from_worklist=False))
-        seen_names.add(scan.name)
+        cases.append(_new_case(name, scan, source=scan.name, from_worklist=False))
+        seen_names.add(name)
     if layout["pixel_labels"] is not None or layout["sample_labels"] is not None:
         names = set()
         if layout["pixel_labels"] is not None:
@@ -328,8 +334,49 @@ def _load_scan(path: Path, series_uid: str = "", grid_affine: np.ndarray | None 
         if grid_affine is None:
             raise ValueError("a DICOM series without a map (the map gives its grid's orientation)")
         return _load_dicom_series(path, series_uid), np.asarray(grid_affine, dtype=np.float64)
+    if not _is_scan(path):
+        return _load_radiograph(path)
     img = nib.load(str(path))  # the file's own data type (int16 CT stays int16: half the memory of float32)
     return _as_volume(np.asanyarray(img.dataobj)), np.asarray(img.affine, dtype=np.float64)
+
+
+def _load_radiograph(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image, affine) of a 2D image (PNG, JPEG, DICOM) as the bundle preprocesses it (its reader, the DICOM
+    window, histogram equalisation onto [-1, 1]) on the grid the bundle writes its map on: (columns, rows)."""
+    from monai.transforms import LoadImage
+
+    from scripts.radiographs import RadiographReader
+    from scripts.transforms import RadiographIntensity
+
+    image = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)(str(path))
+    return np.asarray(RadiographIntensity()(image))[0], np.asarray(image.affine, dtype=np.float64)
+
+
+def _view_2d(image: np.ndarray | None, shape: tuple[int, int], prediction: np.ndarray | None,
+             label: np.ndarray | None, voxel_threshold: float | None) -> dict:
+    """The one view of a 2D case: arrays (columns, rows) shown as the picture (rows top to bottom), its longer side
+    :data:`PANEL_SIDE` px (no side under :data:`MIN_PANEL_WIDTH`), the map blended and outlined as in the 3D
+    views. A radiograph's pixel grid has no patient axes here, so no orientation letters."""
+    columns, rows = shape
+    scale = PANEL_SIDE / max(columns, rows)
+    width, height = max(MIN_PANEL_WIDTH, round(columns * scale)), max(1, round(rows * scale))
+    if width == MIN_PANEL_WIDTH and round(columns * scale) < MIN_PANEL_WIDTH:
+        height = max(1, round(rows * MIN_PANEL_WIDTH / columns))
+    size = (width, height)
+    grey = (np.clip((_resize(image.T, size) + 1) / 2, 0, 1) if image is not None
+            else np.zeros((height, width), dtype=np.float32))
+    rgb = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    if prediction is not None:
+        heat = _resize(prediction.T, size)
+        shown = heat >= OVERLAY_FLOOR
+        colour = _LUT[np.clip((heat * 255).astype(np.int64), 0, 255)]
+        rgb[shown] = (rgb[shown] * (1 - OVERLAY_ALPHA) + colour[shown] * OVERLAY_ALPHA + 0.5).astype(np.uint8)
+        if voxel_threshold is not None:
+            rgb[_outline(heat >= voxel_threshold)] = THRESHOLD_COLOUR
+    if label is not None:
+        rgb[_outline(_resize(label.T.astype(np.uint8), size, nearest=True))] = GT_COLOUR
+    return {"name": "image", "uri": _data_uri(_png(rgb)), "width": width, "height": height, "letters": {},
+            "caption": f"image, {columns} x {rows} pixels (equalised as the bundle sees it)"}
 
 
 def _load_dicom_series(folder: Path, series_uid: str = "") -> np.ndarray:
@@ -363,7 +410,8 @@ def _load_dicom_series(folder: Path, series_uid: str = "") -> np.ndarray:
 def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The anomaly map as float32 in [0, 1] (NaN as 0), and its affine."""
     img = nib.load(str(path))
-    values = _as_volume(np.asarray(img.dataobj, dtype=np.float32))
+    values = np.asarray(img.dataobj, dtype=np.float32)
+    values = values if values.ndim == 2 else _as_volume(values)  # a 2D image's map, or a volume's
     values = np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(values, 0.0, 1.0, out=values)
     return values, np.asarray(img.affine, dtype=np.float64)
@@ -679,7 +727,8 @@ def _process(case: dict, layout: dict, pixel_dir: Path | None, kinds: dict, samp
         if case["map_max"] is None:
             case["map_max"] = float(prediction[point])
         if case["location_mm"] is None:
-            case["location_mm"] = [float(v) for v in (map_affine @ np.array([*map(float, point), 1.0]))[:3]]
+            padded = [*map(float, point), *[0.0] * (3 - len(point))]  # a 2D map's pixel: the affine's first plane
+            case["location_mm"] = [float(v) for v in (map_affine @ np.array([*padded, 1.0]))[:3]]
     if not render:
         return
     scan = scan_affine = None
@@ -701,6 +750,13 @@ def _process(case: dict, layout: dict, pixel_dir: Path | None, kinds: dict, samp
         prediction, point = None, None
     if label is not None and label.shape != grid:
         label = None
+    if len(grid) == 2:  # a 2D image: one view of the whole picture
+        case["point"], case["axcodes"] = None, "pixels (columns, rows)"
+        case["views"] = [_view_2d(scan, grid, prediction, label, case["voxel_threshold"])]
+        windows.append("radiographs: equalised onto [-1, 1], as the bundle's preprocessing")
+        case["colourbar"] = _colourbar_svg(case["views"][0]["height"], case["voxel_threshold"], ident) \
+            if prediction is not None else ""
+        return
     if point is None and case["location_mm"] is not None:  # the worklist's location, on the scan's grid
         voxel = np.rint(np.linalg.inv(affine) @ np.array([*case["location_mm"], 1.0]))[:3].astype(int)
         point = tuple(int(v) for v in voxel) if all(0 <= v < n for v, n in zip(voxel, grid)) else None
