@@ -1,20 +1,20 @@
 """A self-contained HTML report of anomaly predictions for people who read scans: the worklist sorted by score,
-three orthogonal views per case, and, where labels exist, MOOD's AP and AUROC.
+three orthogonal views per case (one per 2D image), and, where labels exist, MOOD's AP and AUROC.
 
 Run (``make report IN=... PRED=... [OUT=report]``)::
 
     PYTHONPATH=bundle:. python -m tools.report --input IN --pred PRED [--output_dir OUT] [--title T] \\
         [--modality auto|ct|mr] [--window LOW,HIGH] [--max_views N] [--scores_csv CSV] [--cases_dir_name toy]
 
-``IN`` is either a plain folder of scans (``*.nii.gz``, ``*.nii``; no labels), or a MOOD-layout dataset folder as
-:mod:`tools.toy_data` writes it (``toy/``, ``toy_label/pixel``, ``toy_label/sample``, optionally
-``toy_label/anomalies.json``), or the scans folder of one (``DATA/toy`` next to ``DATA/toy_label``). ``PRED`` is the
-inference output folder: the pixel map ``<name>`` (NIfTI on the input grid), the sample score ``<name>.txt`` and,
-when the inference wrote one, the worklist ``scores.csv`` (columns ``name, source, series_uid, status, reason,
-sample_score, flag_fpr, sample_threshold, flagged, map_max, max_x_mm, max_y_mm, max_z_mm, voxel_fpr,
-voxel_threshold, volume_above_ml, seconds``; extra columns are ignored). With ``scores.csv`` the report shows its
-thresholds, flags and failures; without it, it works from the ``.txt`` and map files alone (no thresholds, said in
-one line). ``--pixel_dir`` / ``--sample_dir`` (and the old ``--data_dir``) are still accepted.
+``IN`` is either a plain folder of scans (``*.nii.gz``, ``*.nii``, or 2D images: see below; no labels), or a
+MOOD-layout dataset folder as :mod:`tools.toy_data` writes it (``toy/``, ``toy_label/pixel``, ``toy_label/sample``,
+optionally ``toy_label/anomalies.json``), or the scans folder of one (``DATA/toy`` next to ``DATA/toy_label``).
+``PRED`` is the inference output folder: the pixel map ``<name>`` (NIfTI on the input grid), the sample score
+``<name>.txt`` and, when the inference wrote one, the worklist ``scores.csv`` (columns ``name, source, series_uid,
+status, reason, sample_score, flag_fpr, sample_threshold, flagged, map_max, max_x_mm, max_y_mm, max_z_mm,
+voxel_fpr, voxel_threshold, volume_above_ml, seconds``; extra columns are ignored). With ``scores.csv`` the report
+shows its thresholds, flags and failures; without it, it works from the ``.txt`` and map files alone (no
+thresholds, said in one line). ``--pixel_dir`` / ``--sample_dir`` (and the old ``--data_dir``) are still accepted.
 
 ``OUT/report.html`` (one file: PNGs as base64 data URIs, the colour bars as inline SVG, no scripts, no external
 references) holds:
@@ -34,6 +34,18 @@ references) holds:
   superior at the top) with orientation letters on every edge; the map overlaid semi-transparently (inferno, values
   below 0.05 not drawn) with a colour bar on which the voxel threshold is marked when known, the region above that
   threshold outlined in green, the ground truth outlined in cyan, yellow ticks at the maximum on the borders.
+
+2D images (chest radiographs, ``bundle/configs/xray.yaml``): when the scans folder holds no NIfTI scan but PNG,
+JPEG or DICOM files (by suffix, or DICOM by content), and no worklist row names a folder (a DICOM series, whose files
+are slices), the cases are its images, named as the bundle names their outputs
+(:func:`scripts.radiographs.list_radiograph_inputs`: ``a.dcm`` -> ``a.nii.gz``, ``a.png`` -> ``a_png.nii.gz`` beside
+it), so maps, scores, ``scores.csv`` rows and MOOD-like labels (``toy_label/pixel/<name>``, 2D NIfTI) match by name.
+A folder with NIfTI scans is read as volumes: 2D images beside them are left out (counted in the summary). Each 2D
+case gets one view instead of three: the whole image as the bundle preprocesses it (its reader, the DICOM window,
+histogram equalisation onto [-1, 1], shown -1 black to 1 white), rows top to bottom (the (columns, rows) arrays of
+MONAI's readers and of the maps transposed back), its longer side about 340 px and never narrower than 300 px, the
+map, outlines and colour bar as for volumes, and no orientation letters (a radiograph's pixel grid does not state
+the patient's axes). The bundle's ``<stem>_overlay.png`` files are not used.
 
 A DICOM series (a worklist row whose ``source`` is a folder, with its ``series_uid``) is read with pydicom onto
 the grid of its map, as the inference writes it (voxel (i, j, k): column i, row j of the k-th slice in
@@ -82,6 +94,7 @@ __all__ = ["MIN_PANEL_WIDTH", "PANEL_SIDE", "THRESHOLD_COLOUR", "ReportError", "
 DEFAULT_TITLE = "Anomaly detection report"
 WORKLIST_NAME = "scores.csv"
 SCAN_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")  # 2D images (scripts.radiographs), DICOM also by content
 PANEL_SIDE = 340  # px: the longest side of a case's slices (one mm-to-px scale for its three views)
 MIN_PANEL_WIDTH = 300  # px: no slice is shown narrower
 DEFAULT_MAX_VIEWS = 40  # cases with views (the highest-ranked); a view is ~3 PNGs of 50-150 kB
@@ -243,30 +256,65 @@ def _new_case(name: str, scan: Path | None, **row) -> dict:
     return case
 
 
+def _looks_like_image(path: Path) -> bool:
+    """Cheaply, whether ``path`` may be a 2D image of the bundle's (PNG, JPEG, DICOM by suffix or by its 'DICM'
+    preamble); :func:`scripts.radiographs.list_radiograph_inputs` decides (it imports torch and MONAI)."""
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    if path.name.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _inputs(scans_dir: Path, row_scans: Sequence[Path]) -> tuple[str, list[tuple[str, Path]], int]:
+    """(kind, [(case name, file)], images not shown) of the scans folder: ``"volumes"`` when it holds NIfTI scans
+    (any 2D images beside them are left out and counted) or a worklist row names a folder (a DICOM series: its
+    files are slices, not radiographs); else ``"images"`` when it holds 2D images, named as the bundle names their
+    outputs (:func:`scripts.radiographs.list_radiograph_inputs`)."""
+    entries = sorted(scans_dir.iterdir()) if scans_dir.is_dir() else []
+    files = [p for p in entries if _is_scan(p)]
+    images = [p for p in entries if not _is_scan(p) and _looks_like_image(p)]
+    if files or not images or any(scan.is_dir() for scan in row_scans):
+        return "volumes", [(scan.name, scan) for scan in files], len(images) if files else 0
+    from scripts.radiographs import list_radiograph_inputs
+
+    try:
+        items = list_radiograph_inputs(scans_dir)
+    except ValueError:  # only files named like images that are none (e.g. a DICOMDIR-less folder of odd files)
+        return "volumes", [], 0
+    return "images", [(item["name"], Path(item["image_path"])) for item in items], 0
+
+
 def _collect(layout: dict, pixel_dir: Path | None, sample_dir: Path | None, rows: list[dict] | None) -> list[dict]:
     """One case per worklist row, per scan not in the worklist and per label file of neither (processing
-    order: the worklist's, then the folder's)."""
+    order: the worklist's, then the folder's). Sets ``layout["kind"]`` (volumes or images, see :func:`_inputs`)
+    and ``layout["images_left_out"]``."""
     scans_dir, root = layout["scans"], layout["input"]
-    cases, seen_scans, seen_names = [], set(), set()
+    found = []
     for row in rows or []:
         scan = None
         for base in (scans_dir, root):
             candidate = base / (row["source"] or row["name"])
-            if candidate.exists():
+            if candidate.exists():  # a file, or a DICOM series' folder (source "." for IN itself)
                 scan = candidate
                 break
+        found.append(scan)
+    kind, named, left_out = _inputs(scans_dir, [scan for scan in found if scan is not None])
+    layout["kind"], layout["images_left_out"] = kind, left_out
+    by_name = dict(named)
+    cases, seen_scans, seen_names = [], set(), set()
+    for row, scan in zip(rows or [], found):
+        if scan is None and kind == "images":  # a row without its file's name: the bundle's output name
+            scan = by_name.get(row["name"])
         cases.append(_new_case(row["name"], scan, **{k: v for k, v in row.items() if k != "name"},
                                from_worklist=True))
         seen_names.add(row["name"])
         if scan is not None:
             seen_scans.add(scan.resolve())
-    files = sorted(p for p in scans_dir.iterdir() if _is_scan(p)) if scans_dir.is_dir() else []
-    named = [(scan.name, scan) for scan in files]
-    if scans_dir.is_dir() and not files:  # 2D images (xray.yaml), named as the bundle names their outputs
-        from scripts.radiographs import is_radiograph, list_radiograph_inputs
-
-        if any(is_radiograph(p) for p in scans_dir.iterdir() if p.is_file()):
-            named = [(item["name"], Path(item["image_path"])) for item in list_radiograph_inputs(scans_dir)]
     for name, scan in named:
         if scan.resolve() in seen_scans or name in seen_names:
             continue
@@ -355,13 +403,12 @@ def _load_radiograph(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _view_2d(image: np.ndarray | None, shape: tuple[int, int], prediction: np.ndarray | None,
              label: np.ndarray | None, voxel_threshold: float | None) -> dict:
     """The one view of a 2D case: arrays (columns, rows) shown as the picture (rows top to bottom), its longer side
-    :data:`PANEL_SIDE` px (no side under :data:`MIN_PANEL_WIDTH`), the map blended and outlined as in the 3D
-    views. A radiograph's pixel grid has no patient axes here, so no orientation letters."""
+    :data:`PANEL_SIDE` px and never narrower than :data:`MIN_PANEL_WIDTH` (one scale for both sides: the picture's
+    aspect), the map blended and outlined as in the 3D views. A radiograph's pixel grid does not state the patient's
+    axes, so no orientation letters."""
     columns, rows = shape
-    scale = PANEL_SIDE / max(columns, rows)
-    width, height = max(MIN_PANEL_WIDTH, round(columns * scale)), max(1, round(rows * scale))
-    if width == MIN_PANEL_WIDTH and round(columns * scale) < MIN_PANEL_WIDTH:
-        height = max(1, round(rows * MIN_PANEL_WIDTH / columns))
+    scale = max(PANEL_SIDE / max(columns, rows), MIN_PANEL_WIDTH / columns)
+    width, height = max(1, round(columns * scale)), max(1, round(rows * scale))
     size = (width, height)
     grey = (np.clip((_resize(image.T, size) + 1) / 2, 0, 1) if image is not None
             else np.zeros((height, width), dtype=np.float32))
@@ -375,8 +422,13 @@ def _view_2d(image: np.ndarray | None, shape: tuple[int, int], prediction: np.nd
             rgb[_outline(heat >= voxel_threshold)] = THRESHOLD_COLOUR
     if label is not None:
         rgb[_outline(_resize(label.T.astype(np.uint8), size, nearest=True))] = GT_COLOUR
+    caption = (f"image, {columns} x {rows} pixels (equalised as the bundle sees it)" if image is not None
+               else f"map only (image not shown), {columns} x {rows} pixels")
+    if prediction is not None:
+        column, row = np.unravel_index(int(np.argmax(prediction)), prediction.shape)
+        caption += f"; map maximum at column {column + 1}, row {row + 1} (from the top left)"
     return {"name": "image", "uri": _data_uri(_png(rgb)), "width": width, "height": height, "letters": {},
-            "caption": f"image, {columns} x {rows} pixels (equalised as the bundle sees it)"}
+            "caption": caption}
 
 
 def _load_dicom_series(folder: Path, series_uid: str = "") -> np.ndarray:
@@ -665,7 +717,8 @@ def write_report(data_dir: str | os.PathLike, pixel_dir: str | os.PathLike | Non
             "labels": str(layout["label_root"]) if labelled else None,
             "predictions": sorted({str(d) for d in (pixel_dir, sample_dir) if d is not None}),
             "worklist": str(csv_path) if csv_path is not None else None, "seconds_per_case": seconds_per_case,
-            "windows": sorted(set(windows)), "max_views": max_views}
+            "windows": sorted(set(windows)), "max_views": max_views, "kind": layout["kind"],
+            "images_left_out": layout["images_left_out"]}
     html_path = output_dir / "report.html"
     html_path.write_text(_html(info, cases, rows_metrics, pr_image), encoding="utf-8")
     keep = ("rank", "name", "source", "series_uid", "status", "reason", "score", "flag_fpr", "sample_threshold",
@@ -751,9 +804,11 @@ def _process(case: dict, layout: dict, pixel_dir: Path | None, kinds: dict, samp
     if label is not None and label.shape != grid:
         label = None
     if len(grid) == 2:  # a 2D image: one view of the whole picture
-        case["point"], case["axcodes"] = None, "pixels (columns, rows)"
+        case["point"], case["axcodes"] = None, "(columns, rows) of the image"
         case["views"] = [_view_2d(scan, grid, prediction, label, case["voxel_threshold"])]
-        windows.append("radiographs: equalised onto [-1, 1], as the bundle's preprocessing")
+        if scan is not None:
+            windows.append("2D images: equalised onto [-1, 1] as the bundle's preprocessing does, shown -1 black to "
+                           "1 white")
         case["colourbar"] = _colourbar_svg(case["views"][0]["height"], case["voxel_threshold"], ident) \
             if prediction is not None else ""
         return
@@ -892,7 +947,10 @@ def _html(info: dict, cases: list[dict], rows: list[dict], pr_image: str | None)
     n_flagged = sum(1 for c in cases if c["flagged"])
     seconds = [c["seconds"] for c in cases if c.get("seconds") is not None]
 
-    summary = [("Input", e(info["scans"]) + (f" (labels: {e(info['labels'])})" if labelled else " (no labels)")),
+    summary = [("Input", e(info["scans"]) + (f" (labels: {e(info['labels'])})" if labelled else " (no labels)")
+                + ("; 2D images (PNG, JPEG, DICOM), one view each" if info.get("kind") == "images" else "")
+                + (f"; {info['images_left_out']} 2D image file(s) beside the NIfTI scans left out (a folder with "
+                   "NIfTI scans is read as volumes)" if info.get("images_left_out") else "")),
                ("Predictions", e(", ".join(info["predictions"])))]
     if worklist:
         summary.append(("Worklist", e(info["worklist"])))
@@ -994,9 +1052,17 @@ def _html(info: dict, cases: list[dict], rows: list[dict], pr_image: str | None)
                     f"<img alt='precision-recall curves' src='{pr_image}' width='1000' height='400'>"]
 
     viewed = [c for c in cases if c.get("views")]
+    flat = sum(1 for c in viewed if len(c["views"]) == 1 and c["views"][0]["name"] == "image")
+    how = []
+    if flat < len(viewed) or not viewed:
+        how.append("Slices through the map's maximum (yellow ticks on the borders), in the radiological convention "
+                   "with the patient's orientation on every edge (R/L, A/P, S/I).")
+    if flat:
+        how.append("2D images: the whole image in one view, as the bundle preprocesses it (equalised onto [-1, 1], "
+                   "shown black to white), rows top to bottom as the file stores them; no orientation letters (the "
+                   "pixel grid does not state the patient's axes).")
     out += ["<h2>Cases</h2>",
-            "<p class='note'>Slices through the map's maximum (yellow ticks on the borders), in the radiological "
-            "convention with the patient's orientation on every edge (R/L, A/P, S/I). The map is overlaid "
+            "<p class='note'>" + " ".join(how) + " The map is overlaid "
             f"semi-transparently where it is at least {OVERLAY_FLOOR:g}; green outline: above the voxel threshold; "
             "cyan outline: ground truth."
             + (f" Views of the {len(viewed)} highest-ranked of {n} cases (--max_views)." if len(viewed) < n else "")
