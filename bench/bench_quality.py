@@ -175,9 +175,11 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
     return {method: score_groups(counts, cases, group_cases) for method, counts in per_method.items()}
 
 
-def run(models: dict[str, Path], work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
+def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
         conventions, seed: int, rescore: bool = False) -> dict:
-    """``models``: name -> models folder (one unnamed ``{"": folder}``, or several named sets)."""
+    """``models``: name -> models folder (one unnamed ``{"": folder}``, or several named sets), or one folder."""
+    if isinstance(models, (str, Path)):
+        models = {"": Path(models)}
     result = {"settings": {"models_dir": {name: str(folder) for name, folder in models.items()} if any(models)
                            else str(models[""]), "size": size, "cases": n_cases, "gorilla": n_gorilla,
                            "train": n_train, "conventions": list(conventions), "seed": seed,

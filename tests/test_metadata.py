@@ -59,7 +59,7 @@ def test_bundle_version_is_the_same_everywhere():
 
 
 # import name -> distribution name, where they differ
-DISTRIBUTIONS = {"ignite": "pytorch-ignite", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+DISTRIBUTIONS = {"ignite": "pytorch-ignite", "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
 # the base requirements, which metadata.json records in its own keys
 BASE = {"torch", "monai", "numpy"}
 
