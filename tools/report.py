@@ -412,16 +412,8 @@ def _view_2d(image: np.ndarray | None, shape: tuple[int, int], prediction: np.nd
     size = (width, height)
     grey = (np.clip((_resize(image.T, size) + 1) / 2, 0, 1) if image is not None
             else np.zeros((height, width), dtype=np.float32))
-    rgb = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-    if prediction is not None:
-        heat = _resize(prediction.T, size)
-        shown = heat >= OVERLAY_FLOOR
-        colour = _LUT[np.clip((heat * 255).astype(np.int64), 0, 255)]
-        rgb[shown] = (rgb[shown] * (1 - OVERLAY_ALPHA) + colour[shown] * OVERLAY_ALPHA + 0.5).astype(np.uint8)
-        if voxel_threshold is not None:
-            rgb[_outline(heat >= voxel_threshold)] = THRESHOLD_COLOUR
-    if label is not None:
-        rgb[_outline(_resize(label.T.astype(np.uint8), size, nearest=True))] = GT_COLOUR
+    rgb = _composite(grey, None if prediction is None else _resize(prediction.T, size),
+                     None if label is None else _resize(label.T.astype(np.uint8), size, nearest=True), voxel_threshold)
     caption = (f"image, {columns} x {rows} pixels (equalised as the bundle sees it)" if image is not None
                else f"map only (image not shown), {columns} x {rows} pixels")
     if prediction is not None:
@@ -548,6 +540,22 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_dilation(mask) & ~ndi.binary_erosion(mask, border_value=1)
 
 
+def _composite(grey: np.ndarray, heat: np.ndarray | None, truth: np.ndarray | None,
+               voxel_threshold: float | None) -> np.ndarray:
+    """One displayed panel (rows, columns, RGB): ``grey`` in [0, 1], the map ``heat`` blended where it reaches
+    :data:`OVERLAY_FLOOR`, the region above ``voxel_threshold`` outlined green, the label ``truth`` outlined cyan."""
+    rgb = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    if heat is not None:
+        shown = heat >= OVERLAY_FLOOR
+        colour = _LUT[np.clip((heat * 255).astype(np.int64), 0, 255)]
+        rgb[shown] = (rgb[shown] * (1 - OVERLAY_ALPHA) + colour[shown] * OVERLAY_ALPHA + 0.5).astype(np.uint8)
+        if voxel_threshold is not None:
+            rgb[_outline(heat >= voxel_threshold)] = THRESHOLD_COLOUR
+    if truth is not None:
+        rgb[_outline(truth)] = GT_COLOUR
+    return rgb
+
+
 def _plane(volume: np.ndarray, fixed: int, index: int) -> np.ndarray:
     """The slice of a RAS volume at ``index`` along ``fixed`` as displayed (rows, columns): the remaining lower
     axis along the columns, its positive end (R or A) on the left; the higher one along the rows, positive end
@@ -585,17 +593,10 @@ def _views(scan: np.ndarray | None, affine: np.ndarray, shape: tuple[int, ...], 
             grey = np.clip((_resize(_plane(scan_r, fixed, p_ras[fixed]), size) - lo) / (hi - lo), 0.0, 1.0)
         else:
             grey = np.zeros((height, width), dtype=np.float32)
-        rgb = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-        if pred_r is not None:
-            heat = _resize(_plane(pred_r, fixed, p_ras[fixed]), size)
-            shown = heat >= OVERLAY_FLOOR
-            colour = _LUT[np.clip((heat * 255).astype(np.int64), 0, 255)]
-            rgb[shown] = (rgb[shown] * (1 - OVERLAY_ALPHA) + colour[shown] * OVERLAY_ALPHA + 0.5).astype(np.uint8)
-            if voxel_threshold is not None:
-                rgb[_outline(heat >= voxel_threshold)] = THRESHOLD_COLOUR
-        if label_r is not None:
-            rgb[_outline(_resize(_plane(label_r, fixed, p_ras[fixed]).astype(np.uint8), size, nearest=True))] = \
-                GT_COLOUR
+        heat = None if pred_r is None else _resize(_plane(pred_r, fixed, p_ras[fixed]), size)
+        truth = (None if label_r is None
+                 else _resize(_plane(label_r, fixed, p_ras[fixed]).astype(np.uint8), size, nearest=True))
+        rgb = _composite(grey, heat, truth, voxel_threshold)
         # the maximum: ticks on the four borders at its column and row
         c = min(width - 1, int((n_ras[col] - 1 - p_ras[col] + 0.5) * width / n_ras[col]))
         r = min(height - 1, int((n_ras[row] - 1 - p_ras[row] + 0.5) * height / n_ras[row]))

@@ -191,13 +191,13 @@ class WriteOverlayd(MapTransform):
         from PIL import Image
 
         from scripts.inference import ERROR, NAME
+        from scripts.postprocessing import _remove_stale
 
         d = dict(data)
         stem = str(d[NAME]).removesuffix(".nii.gz")
         target = self.output_dir / f"{stem}_overlay.png"
-        if d.get(ERROR):
-            if target.is_file():
-                target.unlink()
+        if d.get(ERROR):  # a case that fails now must not keep an earlier run's overlay
+            _remove_stale(target)
             return d
         for key in self.key_iterator(d):
             grey = _grey_uint8(torch.as_tensor(d[self.image_key]))
