@@ -187,8 +187,8 @@ bench-slicewise: setup
 bench-recipe: setup
 	$(PY) bench/study_recipe.py $(ARGS)
 
-# toy normal scans for trying training without MOOD data: `make normals DATASET=brain [OUT=data/normals/brain]`
-# (without OUT they go to data/normals/<DATASET>, never into the training run folder)
+# toy normal scans for trying training without MOOD data: `make normals DATASET=brain|abdom|xray [OUT=data/normals/brain]`
+# (xray: 256^2 chest radiographs, PNG; without OUT they go to data/normals/<DATASET>, never into the training run folder)
 normals: setup
 	$(check_dataset)
 	$(PY) -m tools.phantoms --dataset $(DATASET) --output_dir "$(if $(filter runs,$(OUT)),data/normals/$(DATASET),$(OUT))" --count 20

@@ -282,3 +282,21 @@ def test_the_command_line_writes_the_set_and_prints_one_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("xray: 1 training images, 2 toy cases (1 anomalous)")
     assert written["n_toy"] == 2 and (tmp_path / "xray" / "toy" / "toy_0001.png").is_file()
     assert not (tmp_path / "xray" / "toy_dicom").exists()
+
+
+def test_make_normals_for_xray_writes_the_datasets_training_images_and_the_bundle_lists_them(tmp_path):
+    """`make normals DATASET=xray` (tools.phantoms) writes the training radiographs of write_xray_dataset with the
+    same seed, flat in its folder, where the xray overlay's scan listing finds them."""
+    from scripts.radiographs import list_radiographs
+    from tools.phantoms import main as normals_main
+
+    paths = normals_main(["--dataset", "xray", "--output_dir", str(tmp_path / "normals"), "--count", "3",
+                          "--size", str(SIZE), "--seed", "4"])
+    write_xray_dataset(tmp_path / "dataset", n_train=3, n_toy=0, seed=4, size=SIZE)
+    assert [p.name for p in paths] == ["x_0000.png", "x_0001.png", "x_0002.png"]
+    for path in paths:
+        assert np.array_equal(np.asarray(Image.open(path)),
+                              np.asarray(Image.open(tmp_path / "dataset" / "xray" / "xray_train" / path.name)))
+    assert sorted(list_radiographs(tmp_path / "normals")) == sorted(str(p) for p in paths)
+    with pytest.raises(ValueError, match="size must be at least"):
+        normals_main(["--dataset", "xray", "--output_dir", str(tmp_path / "small"), "--size", "8"])

@@ -399,11 +399,16 @@ def ct_phantom(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_normal_scans(folder: str | Path, dataset: str, count: int, size: int = 128, seed: int = 0) -> list[Path]:
     """Write ``count`` normal toy scans as NIfTI: ``brain`` (deformed, re-contrasted MNI152 brains, float32
     in [0, 1] with a zero background, 1.5 mm voxels) or ``abdom`` (CT phantoms, int16 Hounsfield units,
-    3 mm voxels). File names ``<dataset>_<index>.nii.gz``; deterministic in ``seed``."""
+    3 mm voxels). File names ``<dataset>_<index>.nii.gz``; deterministic in ``seed``. ``xray``: chest radiographs
+    ``x_<index>.png``, ``size``^2 pixels (:func:`tools.xray_phantom.write_normal_radiographs`)."""
     import nibabel as nib
 
+    if dataset == "xray":
+        from tools.xray_phantom import write_normal_radiographs
+
+        return write_normal_radiographs(folder, count, seed, size)
     if dataset not in ("brain", "abdom"):
-        raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+        raise ValueError(f"dataset must be 'brain', 'abdom' or 'xray', got {dataset!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if dataset == "brain":
@@ -427,13 +432,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write toy normal scans (no download needed).")
-    parser.add_argument("--dataset", choices=("brain", "abdom"), required=True)
+    parser.add_argument("--dataset", choices=("brain", "abdom", "xray"), required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--count", type=int, default=20)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=None,
+                        help="cube side of a volume (default 128) or side of a radiograph (default 256, the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = write_normal_scans(args.output_dir, args.dataset, args.count, args.size, args.seed)
+    size = args.size or (256 if args.dataset == "xray" else 128)
+    paths = write_normal_scans(args.output_dir, args.dataset, args.count, size, args.seed)
     print(f"wrote {len(paths)} {args.dataset} scans to {args.output_dir}")
     return paths
 

@@ -47,7 +47,8 @@ from scipy import ndimage as ndi
 
 __all__ = [
     "ANOMALY_KINDS", "MASK_TOLERANCE", "add_anomaly", "chest_geometry", "chest_radiograph", "main",
-    "toy_case", "toy_subject_seed", "train_subject_seed", "write_dicom_radiograph", "write_xray_dataset",
+    "toy_case", "toy_subject_seed", "train_subject_seed", "write_dicom_radiograph", "write_normal_radiographs",
+    "write_xray_dataset",
 ]
 
 ANOMALY_KINDS = ("nodule", "mass", "pneumothorax", "effusion", "foreign_object")
@@ -653,6 +654,19 @@ def toy_case(index: int, n_toy: int, seed: int = 0, size: int = 256):
     return normal, image, mask, {"label": 1, "kinds": [kind], "subject": subject}
 
 
+def write_normal_radiographs(folder: str | Path, count: int, seed: int = 0, size: int = 256) -> list[Path]:
+    """Write ``count`` normal radiographs ``x_NNNN.png`` (16-bit grey) into ``folder``: the training images of
+    :func:`write_xray_dataset` with the same ``seed`` (``make normals DATASET=xray``)."""
+    size = _check_size(size)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"x_{i:04d}.png")
+        _write_png(paths[-1], chest_radiograph(train_subject_seed(seed, i), size)[0])
+    return paths
+
+
 def write_xray_dataset(output_dir: str | Path, n_train: int = 20, n_toy: int = 10, seed: int = 0, size: int = 256,
                        dicom: bool = False) -> dict:
     """Write the layout of the module docstring under ``output_dir/xray``: ``n_train`` normal training radiographs and
@@ -672,11 +686,7 @@ def write_xray_dataset(output_dir: str | Path, n_train: int = 20, n_toy: int = 1
         folders["dicom_dir"] = root / "toy_dicom"
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    train = []
-    for i in range(n_train):
-        path = folders["train_dir"] / f"x_{i:04d}.png"
-        _write_png(path, chest_radiograph(train_subject_seed(seed, i), size)[0])
-        train.append(str(path))
+    train = [str(path) for path in write_normal_radiographs(folders["train_dir"], n_train, seed, size)]
     cases, toy, dicoms = {}, [], []
     for i in range(n_toy):
         stem = f"toy_{i:04d}"
