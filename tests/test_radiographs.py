@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from scripts.radiographs import (
     list_radiograph_inputs,
     list_radiographs,
     output_name,
+    read_for_display,
 )
 from scripts.transforms import RadiographIntensity
 
@@ -52,8 +54,10 @@ def write_png(path: Path, image: np.ndarray) -> Path:
     return path
 
 
-def write_dicom(path: Path, stored: np.ndarray, window=None, photometric="MONOCHROME2") -> Path:
-    """A single-image DX DICOM of the 12-bit values ``stored`` (rows, columns)."""
+def write_dicom(path: Path, stored: np.ndarray, window=None, photometric="MONOCHROME2", spacing=(0.7, 0.7),
+                spacing_tag="PixelSpacing") -> Path:
+    """A single-image DX DICOM of the 12-bit values ``stored`` (rows, columns), ``spacing`` (between rows, between
+    columns) in ``spacing_tag`` (None: no spacing)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -65,7 +69,8 @@ def write_dicom(path: Path, stored: np.ndarray, window=None, photometric="MONOCH
     ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", photometric, 1
     ds.Rows, ds.Columns = stored.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.7, 0.7]
+    if spacing_tag is not None:
+        setattr(ds, spacing_tag, [float(v) for v in spacing])
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = stored.astype(np.uint16).tobytes()
@@ -121,6 +126,20 @@ def test_png_jpeg_and_dicom_read_to_the_same_grid_and_image(tmp_path):
     assert float(windowed.meta["00281050"]["Value"][0]) == 2000  # the header's window reaches the preprocessing
 
 
+@pytest.mark.parametrize("tag", ["PixelSpacing", "ImagerPixelSpacing", None])
+def test_a_dicom_radiograph_keeps_its_pixel_spacing_on_the_column_and_row_axes(tmp_path, tag):
+    """MONAI's reader gives a radiograph without ImagePositionPatient unit pixels; RadiographReader takes PixelSpacing
+    (else ImagerPixelSpacing), (between rows, between columns), onto the (columns, rows) axes."""
+    stored = (picture(3, rows=36, columns=52) * 4095).round()
+    load = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)
+    image = load(str(write_dicom(tmp_path / "a.dcm", stored, spacing=(0.5, 0.8), spacing_tag=tag)))
+    assert tuple(image.shape) == (1, 52, 36)
+    expected = (0.8, 0.5) if tag else (1.0, 1.0)  # column spacing first: the first axis runs along a row
+    np.testing.assert_allclose(np.asarray(image.pixdim), expected)
+    np.testing.assert_allclose(np.abs(np.linalg.det(np.asarray(image.affine)[:3, :3])), expected[0] * expected[1])
+    assert tuple(load(str(write_png(tmp_path / "a.png", picture(3)))).pixdim.tolist()) == (1.0, 1.0)
+
+
 def test_discovery_names_checks_and_clear_errors(tmp_path):
     write_png(tmp_path / "a.png", picture(0))
     write_dicom(tmp_path / "a.dcm", (picture(1) * 4095).round())
@@ -156,8 +175,8 @@ def bundle(*args: str) -> subprocess.CompletedProcess:
 
 def test_2d_training_and_inference_through_the_cli(tmp_path):
     """Every fold of a 2D model on ten PNG radiographs (xray.yaml), then inference on PNG, JPEG and DICOM inputs and
-    a broken file: a 2D NIfTI map on each image's own grid, the PNG overlay on the working grid, the score, the
-    worklist row; the broken file fails alone."""
+    a broken file: a 2D NIfTI map on each image's own grid (a DICOM's with its pixel size), the PNG overlay over the
+    image at its own size, the score, the worklist row; the broken file fails alone."""
     train = tmp_path / "train"
     train.mkdir()
     for seed in range(10):
@@ -174,7 +193,8 @@ def test_2d_training_and_inference_through_the_cli(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_png(inputs / "case.png", picture(20, rows=60, columns=44))
-    write_dicom(inputs / "case.dcm", (picture(21, rows=36, columns=52) * 4095).round(), window=(1800, 2400))
+    write_dicom(inputs / "case.dcm", (picture(21, rows=36, columns=52) * 4095).round(), window=(1800, 2400),
+                spacing=(0.5, 0.8))
     Image.fromarray((picture(22) * 255).astype(np.uint8)).convert("RGB").save(inputs / "colour.jpg")
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
@@ -183,13 +203,20 @@ def test_2d_training_and_inference_through_the_cli(tmp_path):
                     "--dataset_dir", str(inputs), "--output_dir", str(out), "--mode", "both",
                     "--models_dir", str(run / "models"))
     assert result.returncode == 3 and "summary: 3 done, 1 failed" in result.stdout + result.stderr
-    for name, shape in (("case", (52, 36)), ("case_png", (44, 60)), ("colour", (40, 48))):  # case.dcm sorts first
+    for name, source, shape in (("case", "case.dcm", (52, 36)), ("case_png", "case.png", (44, 60)),
+                                ("colour", "colour.jpg", (40, 48))):  # case.dcm sorts first: it takes "case"
         written = nib.load(out / f"{name}.nii.gz")
-        assert written.shape == shape  # the image's own grid, (columns, rows)
+        assert written.shape == shape  # the image's own grid, (columns, rows), with its pixel size
+        assert written.header.get_zooms()[:2] == ((0.8, 0.5) if name == "case" else (1.0, 1.0))
         values = np.asarray(written.dataobj)
         assert 0 <= values.min() and values.max() <= 1
+        # the overlay: the image itself at its own size (width = columns), the map's heat where it is high
         overlay = Image.open(out / f"{name}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == (32, 32)
+        assert overlay.mode == "RGB" and overlay.size == shape
+        grey = np.round((np.clip(read_for_display(inputs / source)[0], -1, 1) + 1) * 127.5).T  # row-major
+        rgb = np.asarray(overlay).astype(np.float64)
+        faint = values.T < 0.01
+        assert faint.any() and np.abs(rgb[faint] - grey[faint][:, None]).max() <= 4
         assert 0 <= float((out / f"{name}.nii.gz.txt").read_text()) <= 1
     assert float((out / "broken.nii.gz.txt").read_text()) == 1.0 and not (out / "broken.nii.gz").exists()
     with open(out / "scores.csv", newline="") as f:
@@ -197,3 +224,25 @@ def test_2d_training_and_inference_through_the_cli(tmp_path):
     assert rows["broken.nii.gz"]["status"] == "failed" and "not a readable PNG" in rows["broken.nii.gz"]["reason"]
     assert rows["case.nii.gz"]["source"] == "case.dcm" and rows["case.nii.gz"]["series_uid"]
     assert all(rows[n]["status"] == "ok" for n in ("case.nii.gz", "case_png.nii.gz", "colour.nii.gz"))
+
+
+def test_the_overlay_is_drawn_over_the_source_image_and_never_left_stale(tmp_path, caplog):
+    """WriteOverlayd with ``source_key``: the input file's own pixels under the map (an all-zero map leaves exactly the
+    displayed image), a map on another grid is a configuration error, and an input gone since it was read gets no
+    overlay (an earlier run's is removed) while the case goes on."""
+    from scripts.radiographs import WriteOverlayd
+
+    source = write_png(tmp_path / "a.png", picture(5, rows=30, columns=20))
+    writer = WriteOverlayd(keys="pred", source_key="image_path", output_dir=tmp_path / "out")
+    item = {"name": "a.nii.gz", "image_path": str(source), "pred": torch.zeros(1, 20, 30)}
+    writer(item)
+    grey = np.round((np.clip(read_for_display(source)[0], -1, 1) + 1) * 127.5).T
+    overlay = np.asarray(Image.open(tmp_path / "out" / "a_overlay.png"))
+    assert overlay.shape == (30, 20, 3) and np.array_equal(overlay, np.repeat(grey[..., None], 3, axis=-1))
+    with pytest.raises(ValueError, match="after the inversion"):
+        writer({**item, "pred": torch.zeros(1, 32, 32)})
+    source.unlink()
+    with caplog.at_level(logging.WARNING, logger="scripts.radiographs"):
+        out = writer(item)
+    assert out["pred"] is item["pred"] and not (tmp_path / "out" / "a_overlay.png").exists()
+    assert "could not be read again" in caplog.text

@@ -383,21 +383,11 @@ def _load_scan(path: Path, series_uid: str = "", grid_affine: np.ndarray | None 
             raise ValueError("a DICOM series without a map (the map gives its grid's orientation)")
         return _load_dicom_series(path, series_uid), np.asarray(grid_affine, dtype=np.float64)
     if not _is_scan(path):
-        return _load_radiograph(path)
+        from scripts.radiographs import read_for_display
+
+        return read_for_display(path)
     img = nib.load(str(path))  # the file's own data type (int16 CT stays int16: half the memory of float32)
     return _as_volume(np.asanyarray(img.dataobj)), np.asarray(img.affine, dtype=np.float64)
-
-
-def _load_radiograph(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image, affine) of a 2D image (PNG, JPEG, DICOM) as the bundle preprocesses it (its reader, the DICOM
-    window, histogram equalisation onto [-1, 1]) on the grid the bundle writes its map on: (columns, rows)."""
-    from monai.transforms import LoadImage
-
-    from scripts.radiographs import RadiographReader
-    from scripts.transforms import RadiographIntensity
-
-    image = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)(str(path))
-    return np.asarray(RadiographIntensity()(image))[0], np.asarray(image.affine, dtype=np.float64)
 
 
 def _view_2d(image: np.ndarray | None, shape: tuple[int, int], prediction: np.ndarray | None,

@@ -25,7 +25,7 @@ from monai.utils import ensure_tuple
 from scripts.files import write_atomically
 
 __all__ = ["RADIOGRAPH_SUFFIXES", "RadiographReader", "WriteOverlayd", "check_radiograph", "is_radiograph",
-           "list_radiograph_inputs", "list_radiographs", "output_name"]
+           "list_radiograph_inputs", "list_radiographs", "output_name", "read_for_display"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,46 @@ class RadiographReader(ImageReader):
         with warnings.catch_warnings():
             # a radiograph has no ImagePositionPatient (DX: PS3.3 A.26): the pixel grid is the image's own
             warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient", category=UserWarning)
-            return reader.get_data(image)
+            array, meta = reader.get_data(image)
+        if isinstance(reader, PydicomReader):
+            _apply_pixel_spacing(meta)
+        return array, meta
+
+
+def _apply_pixel_spacing(meta: dict) -> None:
+    """A radiograph's pixel size from its header, where MONAI's reader leaves unit pixels: without
+    ImagePositionPatient it ignores PixelSpacing. PixelSpacing (calibrated at the patient) is used, else
+    ImagerPixelSpacing (at the detector, PS3.3 C.8.11.4), each (between rows, between columns) in mm; the image's
+    axes are (columns, rows), so the first axis steps by the column spacing. Leaves ``meta`` as it is when the
+    header has neither, or a position (then the reader has used its spacing already)."""
+    if "00200032" in meta:  # ImagePositionPatient
+        return
+    for tag in ("00280030", "00181164"):  # PixelSpacing, ImagerPixelSpacing
+        value = (meta.get(tag) or {}).get("Value") if isinstance(meta.get(tag), dict) else None
+        try:
+            rows, columns = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if not (np.isfinite(rows) and np.isfinite(columns) and rows > 0 and columns > 0):
+            continue
+        scale = np.diag([columns, rows, 1.0, 1.0])
+        for key in ("affine", "original_affine"):
+            if key in meta:
+                meta[key] = np.asarray(meta[key], dtype=np.float64) @ scale
+        meta["spacing"] = np.array([columns, rows])
+        return
+
+
+def read_for_display(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, affine)`` of a 2D image file as the bundle preprocesses it, before the resize: its reader, the DICOM
+    window, histogram equalisation onto [-1, 1]; (columns, rows), the grid of its map. The overlay's and the report's
+    background."""
+    from monai.transforms import LoadImage
+
+    from scripts.transforms import RadiographIntensity
+
+    image = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)(str(path))
+    return np.asarray(RadiographIntensity()(image))[0], np.asarray(image.affine, dtype=np.float64)
 
 
 def _grey_uint8(image: torch.Tensor) -> np.ndarray:
@@ -177,15 +216,29 @@ def _heat(probability: np.ndarray) -> np.ndarray:
 
 
 class WriteOverlayd(MapTransform):
-    """Writes ``<output_dir>/<stem>_overlay.png``: the map at ``keys`` drawn over the preprocessed image at
-    ``image_key`` (both on the working grid, before the map goes back to the input's), as a heat map whose opacity is
-    the anomaly probability, so normal tissue stays the image and anomalies glow. Nothing for a failed case."""
+    """Writes ``<output_dir>/<stem>_overlay.png``: the map at ``keys`` drawn over its image as a heat map whose opacity
+    is the anomaly probability, so normal tissue stays the image and anomalies glow. The image: with ``source_key``
+    (xray.yaml: ``image_path``), the input file itself as the preprocessing sees it before the resize
+    (:func:`read_for_display`), at its own size, so the map must be back on the input's grid (listed after the
+    inversion); without, the preprocessed image at ``image_key``, on the map's working grid. Nothing for a failed
+    case; an image that cannot be read again (changed since) logs a warning and gets no overlay."""
 
     def __init__(self, keys: str = "pred", image_key: str = "image", output_dir: str | Path = ".",
-                 allow_missing_keys: bool = True) -> None:
+                 source_key: str | None = None, allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
+        self.source_key = source_key
         self.output_dir = Path(output_dir)
+
+    def _background(self, d: Mapping[Hashable, object], shape: tuple[int, ...]) -> np.ndarray:
+        if self.source_key is None:
+            return _grey_uint8(torch.as_tensor(d[self.image_key]))
+        source = d[self.source_key]
+        image = torch.as_tensor(read_for_display(source)[0])[None]
+        if tuple(image.shape[1:]) != shape:
+            raise ValueError(f"the map's grid {shape} is not the image's {tuple(image.shape[1:])}: list the overlay "
+                             "after the inversion to the input grid")
+        return _grey_uint8(image)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from PIL import Image
@@ -200,8 +253,14 @@ class WriteOverlayd(MapTransform):
             _remove_stale(target)
             return d
         for key in self.key_iterator(d):
-            grey = _grey_uint8(torch.as_tensor(d[self.image_key]))
-            probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0).T.cpu().numpy()
+            probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0)
+            try:
+                grey = self._background(d, tuple(probability.shape))
+            except (OSError, RuntimeError) as err:  # the input changed since it was read: the map still counts
+                logger.warning("%s: no overlay, the image could not be read again (%s)", stem, err)
+                _remove_stale(target)
+                continue
+            probability = probability.T.cpu().numpy()
             alpha = np.clip(probability, 0, 1)[..., None]
             picture = (1 - alpha) * (grey[..., None] / 255.0) + alpha * _heat(probability)
             pixels = (picture * 255).round().astype(np.uint8)
