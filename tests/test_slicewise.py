@@ -97,7 +97,8 @@ def test_the_plan_of_a_slice_wise_model():
     assert plan["slice_axis"] == 2 and plan["network"]["args"]["spatial_dims"] == 2
     assert plan["sample_score"]["aggregation"] == "fpi_top_slices" and plan["sample_score"]["slice_axis"] == 2
     network = build_network(plan)
-    assert isinstance(network, SliceWiseNetwork) and network.slice_axis == 2
+    assert isinstance(network, SliceWiseNetwork) and network.slice_axis == 2 and network.slice_batch == 16
+    assert build_network(plan, slice_batch=40).slice_batch == 40  # common.yaml's slice_batch, a speed setting
     assert isinstance(build_network(plan["network"]), DynUNet)  # the definition alone is the 2D network
     spec = plan["network"]
     with pytest.raises(ValueError, match="set slice_axis"):

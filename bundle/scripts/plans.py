@@ -169,9 +169,10 @@ def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], 
     return patch
 
 
-def build_network(plan: Mapping) -> torch.nn.Module:
+def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module:
     """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``); for a plan with a
-    ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes."""
+    ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes and runs
+    ``slice_batch`` slices per pass (a speed and memory setting: the output is the same)."""
     from monai.networks import nets
 
     spec = plan["network"] if "network" in plan else plan
@@ -180,7 +181,7 @@ def build_network(plan: Mapping) -> torch.nn.Module:
         raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")
     network = network_class(**copy.deepcopy(spec["args"]))
     if "network" in plan and plan.get("slice_axis") is not None:
-        network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"])
+        network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"], slice_batch)
     return network
 
 
