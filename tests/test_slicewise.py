@@ -206,3 +206,20 @@ def test_slice_wise_training_and_inference_through_the_cli(normal_scans, tmp_pat
     assert 0 <= fpi <= 1 and fpi != ours
     # another aggregation than the operating points': no flags
     assert "not what the brain operating points were measured with" in result.stdout + result.stderr
+
+    # the exports: the 2D network alone (slices in, slice maps out), put back inside the slice loop by the ensemble;
+    # inference from them gives the state dicts' map
+    from scripts.export import export_dataset
+
+    record = export_dataset(models, "brain", bundle_root=ROOT / "bundle")
+    assert record["slice_axis"] == 2 and max(record["max_abs_diff"].values()) <= 1e-4
+    assert torch.jit.load(str(models / "brain" / "fold_0.ts"))(torch.zeros(3, 1, 32, 32)).shape == (3, 1, 32, 32)
+    for fmt in ("torchscript", "onnx"):
+        run_bundle("-m", "monai.bundle", "run", "--meta_file", "bundle/configs/metadata.json", "--bundle_root",
+                   "bundle", "--config_file", repr([str(ROOT / "bundle/configs" / n) for n in
+                                                    ("common.yaml", "inference.yaml", "brain.yaml")]),
+                   "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / fmt), "--mode", "pixel",
+                   "--models_dir", str(models), "--model_format", fmt)
+        exported = np.asarray(nib.load(tmp_path / fmt / "case.nii.gz").dataobj)
+        np.testing.assert_allclose(exported, pixel, atol=1e-3)
+        assert np.all(exported[..., :3] == 0)

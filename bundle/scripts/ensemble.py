@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from scripts.files import MODEL_SUFFIXES, load_json
 from scripts.plans import PLAN_FILE
 
-__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_weights", "model_files"]
+__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_weights", "model_files", "wrap_like"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,21 @@ class OnnxNetwork(torch.nn.Module):
         return out
 
 
+def wrap_like(network_def: torch.nn.Module, exported: torch.nn.Module) -> torch.nn.Module:
+    """An export as ``network_def`` runs it: a slice-wise model's export is its 2D network alone, so it goes back into
+    a :class:`scripts.networks.SliceWiseNetwork` with ``network_def``'s settings; any other export as it is."""
+    from scripts.networks import SliceWiseNetwork
+
+    if not isinstance(network_def, SliceWiseNetwork):
+        return exported
+    return SliceWiseNetwork(exported, network_def.slice_axis, network_def.foreground_fraction, network_def.slice_batch)
+
+
 def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, device) -> torch.nn.Module:
     if model_format == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
+        return wrap_like(network_def, torch.jit.load(str(path), map_location="cpu"))
     if model_format == "onnx":
-        return OnnxNetwork(path, device)
+        return wrap_like(network_def, OnnxNetwork(path, device))
     return load_weights(copy.deepcopy(network_def), path,
                         f"the network of its folder's {PLAN_FILE} (was it trained into another folder, or its plan "
                         "replaced?)")

@@ -14,6 +14,11 @@ largest absolute difference of the anomaly maps (the sigmoid of the logits, what
 logits in ``models_dir/<dataset>/export.json``. A map difference above the tolerance (1e-4) is an error.
 Inference uses the exports with ``--model_format torchscript`` or ``onnx``.
 
+Slice-wise models (a plan with ``slice_axis``): the export is the 2D network alone (``network_2d_def``, its state dict
+without the wrapper's ``network.`` prefix), on (B, C, H, W) slices; the slice loop, which picks the slices with
+foreground by their content, stays in Python (:class:`scripts.networks.SliceWiseNetwork`), and the ensemble puts
+each loaded export back inside it. The check still runs the whole path on the probe volume, slice loop included.
+
     python -m scripts.export --models_dir bundle/models [--datasets brain abdom] [--formats torchscript onnx]
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +37,12 @@ import torch
 from monai.bundle import ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
-from scripts.ensemble import OnnxNetwork, model_files
+from scripts.ensemble import OnnxNetwork, model_files, wrap_like
 from scripts.files import MODEL_SUFFIXES, bundle_configs, save_json
 from scripts.plans import build_network, load_plan
 
-__all__ = ["EXPORT_FORMATS", "ONNX_CONVERTER_KWARGS", "export_dataset", "export_fold", "probe_volume"]
+__all__ = ["EXPORT_FORMATS", "ONNX_CONVERTER_KWARGS", "export_dataset", "export_fold", "onnx_converter_kwargs",
+           "probe_volume"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +50,15 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
 # The TorchScript-based ONNX exporter (dynamo=False): the dynamo one would add onnxscript to the pinned
 # dependencies. Batch and spatial axes stay dynamic, so one file serves any working grid.
-_DYNAMIC = {0: "batch", 2: "x", 3: "y", 4: "z"}
-ONNX_CONVERTER_KWARGS = {
-    "dynamo": False,
-    "input_names": ["image"],
-    "output_names": ["pred"],
-    "dynamic_axes": {"image": _DYNAMIC, "pred": _DYNAMIC},
-}
+def onnx_converter_kwargs(spatial_dims: int = 3) -> dict:
+    """``onnx_export``'s converter arguments for a network of ``spatial_dims`` (3: volumes, 2: a slice-wise model's
+    2D network)."""
+    dynamic = {0: "batch", **{2 + i: axis for i, axis in enumerate("xyz"[:spatial_dims])}}
+    return {"dynamo": False, "input_names": ["image"], "output_names": ["pred"],
+            "dynamic_axes": {"image": dict(dynamic), "pred": dict(dynamic)}}
+
+
+ONNX_CONVERTER_KWARGS = onnx_converter_kwargs(3)
 
 
 def probe_volume(spatial_size: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -62,31 +71,40 @@ def probe_volume(spatial_size: Sequence[int], seed: int = 0) -> torch.Tensor:
 
 
 def export_fold(state_dict: str | Path, formats: Sequence[str], configs: Sequence[str], meta_file: str | Path,
-                spatial_size: Sequence[int]) -> dict[str, Path]:
+                spatial_size: Sequence[int], slice_axis: int | None = None) -> dict[str, Path]:
     """Write the exports of one fold next to its state dict (``<models_dir>/<dataset>/fold_<k>.pt``, whose plan
-    defines the network); returns ``{format: path}``."""
+    defines the network); returns ``{format: path}``. ``slice_axis`` (a slice-wise plan's): export the 2D network on
+    slices of ``spatial_size`` cut along that axis."""
     state_dict = Path(state_dict)
-    common = {"net_id": "network_def", "ckpt_file": str(state_dict), "meta_file": str(meta_file),
-              "config_file": list(configs), "key_in_ckpt": "", "models_dir": str(state_dict.parent.parent),
-              "dataset_name": state_dict.parent.name}
-    written = {}
     for fmt in formats:
-        target = state_dict.with_suffix(MODEL_SUFFIXES[fmt])
-        if fmt == "torchscript":
-            ckpt_export(filepath=str(target), **common)
-        elif fmt == "onnx":
-            onnx_export(filepath=str(target), use_trace=True, input_shape=[1, 1, *spatial_size],
-                        converter_kwargs=copy.deepcopy(ONNX_CONVERTER_KWARGS), **common)
-        else:
+        if fmt not in EXPORT_FORMATS:
             raise ValueError(f"export formats are {EXPORT_FORMATS}, got {fmt!r}")
-        written[fmt] = target
+    with tempfile.TemporaryDirectory() as scratch:
+        net_id, ckpt_file, input_size = "network_def", state_dict, list(spatial_size)
+        if slice_axis is not None:  # the wrapper's state dict, as the 2D network's
+            net_id, ckpt_file = "network_2d_def", Path(scratch) / state_dict.name
+            state = torch.load(state_dict, map_location="cpu", weights_only=True)
+            torch.save({k.removeprefix("network."): v for k, v in state.items()}, ckpt_file)
+            del input_size[slice_axis]
+        common = {"net_id": net_id, "ckpt_file": str(ckpt_file), "meta_file": str(meta_file),
+                  "config_file": list(configs), "key_in_ckpt": "", "models_dir": str(state_dict.parent.parent),
+                  "dataset_name": state_dict.parent.name}
+        written = {}
+        for fmt in formats:
+            target = state_dict.with_suffix(MODEL_SUFFIXES[fmt])
+            if fmt == "torchscript":
+                ckpt_export(filepath=str(target), **common)
+            else:
+                onnx_export(filepath=str(target), use_trace=True, input_shape=[1, 1, *input_size],
+                            converter_kwargs=onnx_converter_kwargs(len(input_size)), **common)
+            written[fmt] = target
     return written
 
 
-def _run_export(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
+def _run_export(fmt: str, path: Path, x: torch.Tensor, network_def: torch.nn.Module) -> torch.Tensor:
     network = torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else OnnxNetwork(path)
     with torch.no_grad():
-        return network.eval()(x)
+        return wrap_like(network_def, network).eval()(x)
 
 
 def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] = EXPORT_FORMATS,
@@ -97,24 +115,21 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
     configs = bundle_configs(bundle_root, "inference", dataset)
     meta_file = Path(bundle_root) / "configs" / "metadata.json"
     plan = load_plan(models_dir, dataset)
-    if plan.get("slice_axis") is not None:  # its slice loop picks slices by content: a trace would freeze one choice
-        raise ValueError(f"the {dataset!r} models in {str(models_dir)!r} are slice-wise (a 2D network run slice by "
-                         "slice): their export is not supported yet; run them from their state dicts "
-                         "(model_format pytorch)")
     network_def = build_network(plan)
     spatial_size = list(plan["spatial_size"])
     x = probe_volume(spatial_size)
-    record = {"dataset": dataset, "spatial_size": spatial_size, "tolerance": tolerance, "folds": {}}
+    record = {"dataset": dataset, "spatial_size": spatial_size, "slice_axis": plan.get("slice_axis"),
+              "tolerance": tolerance, "folds": {}}
     for state_dict in model_files(models_dir, dataset, "pytorch"):
         t0 = time.perf_counter()
-        written = export_fold(state_dict, formats, configs, meta_file, spatial_size)
+        written = export_fold(state_dict, formats, configs, meta_file, spatial_size, plan.get("slice_axis"))
         network = copy.deepcopy(network_def)
         network.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
         with torch.no_grad():
             reference = network.eval()(x)
         fold = {}
         for fmt, path in written.items():
-            logits = _run_export(fmt, path, x)
+            logits = _run_export(fmt, path, x, network_def)
             fold[fmt] = {"file": path.name,
                          "max_abs_diff": float((torch.sigmoid(logits) - torch.sigmoid(reference)).abs().max()),
                          "max_abs_logit_diff": float((logits - reference).abs().max())}
