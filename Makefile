@@ -195,6 +195,7 @@ normals: setup
 
 # The model-zoo checks, as MONAI's CLI runs them, for both dataset configs: metadata against the official
 # schema (offline copy), network input/output against the metadata, TorchScript and ONNX export of fold 0.
+# For the shipped 3D models (network_def on a volume); a slice-wise models folder: `make export MODELS=...`.
 VERIFY_DIR := outputs/verify
 META := bundle/configs/metadata.json
 ONNX_KWARGS = $(shell PYTHONPATH=bundle $(PY) -c 'import scripts.export as e; print(e.ONNX_CONVERTER_KWARGS)')

@@ -136,8 +136,10 @@ def test_a_dicom_radiograph_keeps_its_pixel_spacing_on_the_column_and_row_axes(t
     assert tuple(image.shape) == (1, 52, 36)
     expected = (0.8, 0.5) if tag else (1.0, 1.0)  # column spacing first: the first axis runs along a row
     np.testing.assert_allclose(np.asarray(image.pixdim), expected)
-    np.testing.assert_allclose(np.abs(np.linalg.det(np.asarray(image.affine)[:3, :3])), expected[0] * expected[1])
-    assert tuple(load(str(write_png(tmp_path / "a.png", picture(3)))).pixdim.tolist()) == (1.0, 1.0)
+    # the image's own grid, as a PNG's: world x along a row, y down the columns (MONAI's reader swaps them)
+    np.testing.assert_allclose(np.asarray(image.affine), np.diag([*expected, 1.0, 1.0]))
+    png = load(str(write_png(tmp_path / "a.png", picture(3))))
+    np.testing.assert_allclose(np.asarray(png.affine), np.eye(4))
 
 
 def test_discovery_names_checks_and_clear_errors(tmp_path):
@@ -227,22 +229,34 @@ def test_2d_training_and_inference_through_the_cli(tmp_path):
 
 
 def test_the_overlay_is_drawn_over_the_source_image_and_never_left_stale(tmp_path, caplog):
-    """WriteOverlayd with ``source_key``: the input file's own pixels under the map (an all-zero map leaves exactly the
-    displayed image), a map on another grid is a configuration error, and an input gone since it was read gets no
-    overlay (an earlier run's is removed) while the case goes on."""
+    """WriteOverlayd with ``source_key``: the input file's own pixels under the map, upright (an all-zero map leaves
+    exactly the displayed image; a bright top-left quadrant stays top left), the heat where the map is high, and a
+    map on another grid or an input gone since it was read gets no overlay (an earlier run's is removed) while the
+    case goes on."""
     from scripts.radiographs import WriteOverlayd
 
-    source = write_png(tmp_path / "a.png", picture(5, rows=30, columns=20))
+    rows, columns = 30, 20
+    values = np.full((rows, columns), 0.2)
+    values[:10, :8] = 0.9  # the top-left corner of the picture, bright
+    source = write_png(tmp_path / "a.png", values)
     writer = WriteOverlayd(keys="pred", source_key="image_path", output_dir=tmp_path / "out")
-    item = {"name": "a.nii.gz", "image_path": str(source), "pred": torch.zeros(1, 20, 30)}
+    target = tmp_path / "out" / "a_overlay.png"
+    item = {"name": "a.nii.gz", "image_path": str(source), "pred": torch.zeros(1, columns, rows)}
     writer(item)
+    overlay = np.asarray(Image.open(target))
+    assert overlay.shape == (rows, columns, 3) and (overlay[..., 0] == overlay[..., 2]).all()  # grey
+    assert overlay[:10, :8].min() > overlay[10:, :].max() and overlay[:10, :8].min() > overlay[:, 8:].max()
     grey = np.round((np.clip(read_for_display(source)[0], -1, 1) + 1) * 127.5).T
-    overlay = np.asarray(Image.open(tmp_path / "out" / "a_overlay.png"))
-    assert overlay.shape == (30, 20, 3) and np.array_equal(overlay, np.repeat(grey[..., None], 3, axis=-1))
-    with pytest.raises(ValueError, match="after the inversion"):
-        writer({**item, "pred": torch.zeros(1, 32, 32)})
-    source.unlink()
-    with caplog.at_level(logging.WARNING, logger="scripts.radiographs"):
-        out = writer(item)
-    assert out["pred"] is item["pred"] and not (tmp_path / "out" / "a_overlay.png").exists()
-    assert "could not be read again" in caplog.text
+    assert np.array_equal(overlay, np.repeat(grey[..., None], 3, axis=-1))
+    hot = torch.zeros(1, columns, rows)
+    hot[0, 15:, 25:] = 1.0  # the map's (column, row): the bottom-right corner of the picture
+    writer({**item, "pred": hot})
+    overlay = np.asarray(Image.open(target)).astype(int)
+    assert (overlay[25:, 15:] == 255).all() and (overlay[:25, :15, 0] == overlay[:25, :15, 2]).all()
+
+    for broken in ({**item, "pred": torch.zeros(1, 32, 32)}, {**item, "image_path": str(tmp_path / "gone.png")}):
+        writer(item)
+        with caplog.at_level(logging.WARNING, logger="scripts.radiographs"):
+            out = writer(broken)
+        assert out["pred"] is broken["pred"] and not target.exists() and "a: no overlay" in caplog.text
+        caplog.clear()

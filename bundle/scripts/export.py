@@ -84,6 +84,10 @@ def export_fold(state_dict: str | Path, formats: Sequence[str], configs: Sequenc
         if slice_axis is not None:  # the wrapper's state dict, as the 2D network's
             net_id, ckpt_file = "network_2d_def", Path(scratch) / state_dict.name
             state = torch.load(state_dict, map_location="cpu", weights_only=True)
+            stray = [k for k in state if not k.startswith("network.")]
+            if stray:  # MONAI's exporter would skip keys that do not fit, silently, leaving untrained weights
+                raise ValueError(f"{str(state_dict)!r} is not a slice-wise model's state dict (keys {stray[:3]} are "
+                                 "not its 2D network's)")
             torch.save({k.removeprefix("network."): v for k, v in state.items()}, ckpt_file)
             del input_size[slice_axis]
         common = {"net_id": net_id, "ckpt_file": str(ckpt_file), "meta_file": str(meta_file),

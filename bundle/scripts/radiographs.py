@@ -168,33 +168,35 @@ class RadiographReader(ImageReader):
 
 
 def _apply_pixel_spacing(meta: dict) -> None:
-    """A radiograph's pixel size from its header, where MONAI's reader leaves unit pixels: without
-    ImagePositionPatient it ignores PixelSpacing. PixelSpacing (calibrated at the patient) is used, else
-    ImagerPixelSpacing (at the detector, PS3.3 C.8.11.4), each (between rows, between columns) in mm; the image's
-    axes are (columns, rows), so the first axis steps by the column spacing. Leaves ``meta`` as it is when the
-    header has neither, or a position (then the reader has used its spacing already)."""
-    if "00200032" in meta:  # ImagePositionPatient
+    """A radiograph's grid where MONAI's reader has none: without ImageOrientationPatient and ImagePositionPatient
+    (a DX file has neither, PS3.3 A.26) it ignores PixelSpacing and leaves a unit grid whose world axes are swapped
+    against a PNG's. The grid is then the image's own, as for a PNG (world x along a row, y down the columns), with
+    PixelSpacing (calibrated at the patient), else ImagerPixelSpacing (at the detector, PS3.3 C.8.11.4), else 1 mm:
+    each tag is (between rows, between columns), and the image's axes are (columns, rows), so the first axis steps
+    by the column spacing. A file with both position tags keeps the reader's grid (which used its spacing)."""
+    if "00200037" in meta and "00200032" in meta:  # ImageOrientationPatient, ImagePositionPatient
         return
+    rows = columns = 1.0
     for tag in ("00280030", "00181164"):  # PixelSpacing, ImagerPixelSpacing
-        value = (meta.get(tag) or {}).get("Value") if isinstance(meta.get(tag), dict) else None
+        value = meta[tag].get("Value") if isinstance(meta.get(tag), dict) else None
         try:
-            rows, columns = (float(v) for v in value)
+            found = [float(v) for v in value]
         except (TypeError, ValueError):
             continue
-        if not (np.isfinite(rows) and np.isfinite(columns) and rows > 0 and columns > 0):
-            continue
-        scale = np.diag([columns, rows, 1.0, 1.0])
-        for key in ("affine", "original_affine"):
-            if key in meta:
-                meta[key] = np.asarray(meta[key], dtype=np.float64) @ scale
-        meta["spacing"] = np.array([columns, rows])
-        return
+        if len(found) == 2 and all(np.isfinite(v) and v > 0 for v in found):
+            rows, columns = found
+            break
+    grid = np.diag([columns, rows, 1.0, 1.0])
+    for key in ("affine", "original_affine"):
+        if key in meta:
+            meta[key] = grid.copy()
+    meta["spacing"] = np.array([columns, rows])
 
 
 def read_for_display(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(image, affine)`` of a 2D image file as the bundle preprocesses it, before the resize: its reader, the DICOM
-    window, histogram equalisation onto [-1, 1]; (columns, rows), the grid of its map. The overlay's and the report's
-    background."""
+    window, histogram equalisation onto [-1, 1] (xray.yaml's ``FiniteIntensityd`` is left out: equalisation ranks
+    the finite values alone); (columns, rows), the grid of its map. The overlay's and the report's background."""
     from monai.transforms import LoadImage
 
     from scripts.transforms import RadiographIntensity
@@ -221,7 +223,8 @@ class WriteOverlayd(MapTransform):
     (xray.yaml: ``image_path``), the input file itself as the preprocessing sees it before the resize
     (:func:`read_for_display`), at its own size, so the map must be back on the input's grid (listed after the
     inversion); without, the preprocessed image at ``image_key``, on the map's working grid. Nothing for a failed
-    case; an image that cannot be read again (changed since) logs a warning and gets no overlay."""
+    case. An overlay that cannot be made (the image unreadable or changed since, no memory) logs a warning and
+    leaves none; it never fails the case."""
 
     def __init__(self, keys: str = "pred", image_key: str = "image", output_dir: str | Path = ".",
                  source_key: str | None = None, allow_missing_keys: bool = True) -> None:
@@ -230,14 +233,14 @@ class WriteOverlayd(MapTransform):
         self.source_key = source_key
         self.output_dir = Path(output_dir)
 
-    def _background(self, d: Mapping[Hashable, object], shape: tuple[int, ...]) -> np.ndarray:
+    def _background(self, d: Mapping[Hashable, object], shape: tuple[int, ...], stem: str) -> np.ndarray | None:
         if self.source_key is None:
             return _grey_uint8(torch.as_tensor(d[self.image_key]))
-        source = d[self.source_key]
-        image = torch.as_tensor(read_for_display(source)[0])[None]
-        if tuple(image.shape[1:]) != shape:
-            raise ValueError(f"the map's grid {shape} is not the image's {tuple(image.shape[1:])}: list the overlay "
-                             "after the inversion to the input grid")
+        image = torch.as_tensor(read_for_display(d[self.source_key])[0])[None]
+        if tuple(image.shape[1:]) != shape:  # the file changed since, or the overlay is listed before the inversion
+            logger.warning("%s: no overlay, the map's grid %s is not the image's %s", stem, shape,
+                           tuple(image.shape[1:]))
+            return None
         return _grey_uint8(image)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -253,9 +256,26 @@ class WriteOverlayd(MapTransform):
             _remove_stale(target)
             return d
         for key in self.key_iterator(d):
+            # an overlay is a picture of the result, never a reason to lose it: any failure here is logged and
+            # leaves no overlay, while the map and the score are written as ever
+            try:
+                probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0).clamp(0, 1)
+                grey = self._background(d, tuple(probability.shape), stem)
+                if grey is None:
+                    _remove_stale(target)
+                    continue
+                alpha = probability.T.cpu().numpy()[..., None]  # float32 throughout: a large radiograph stays cheap
+                picture = (1 - alpha) * (grey[..., None] / np.float32(255)) + alpha * _heat(alpha[..., 0])
+                pixels = (picture * 255).round().astype(np.uint8)
+                write_atomically(target, lambda tmp, rgb=pixels: Image.fromarray(rgb).save(tmp, format="PNG"))
+            except Exception as err:  # noqa: BLE001 - see above
+                logger.warning("%s: no overlay (%s: %s)", stem, type(err).__name__, err)
+                _remove_stale(target)
+        return d
+        for key in self.key_iterator(d):
             probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0)
             try:
-                grey = self._background(d, tuple(probability.shape))
+                grey = self._background(d, tuple(probability.shape), stem)
             except (OSError, RuntimeError) as err:  # the input changed since it was read: the map still counts
                 logger.warning("%s: no overlay, the image could not be read again (%s)", stem, err)
                 _remove_stale(target)
