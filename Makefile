@@ -177,7 +177,7 @@ bench-quality: setup
 
 # `make bench-slicewise [ARGS="--datasets brain --budget 8"]`: the slice-wise FPI system against the 3D default,
 # both trained at once on the same toy normals with the same minutes per fold, then bench-quality on each
-# (bench/bench_slicewise.py; with the defaults, for the brain on 2 cores: 39 min of training, 35 min of scoring)
+# (bench/bench_slicewise.py; with the defaults, per dataset on 2 cores: about 40 min of training, 30-35 min of scoring)
 bench-slicewise: setup
 	$(PY) bench/bench_slicewise.py $(ARGS)
 
