@@ -15,7 +15,8 @@ from monai.data import MetaTensor
 from scripts.files import MODEL_SUFFIXES, load_json
 from scripts.plans import PLAN_FILE
 
-__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_weights", "model_files", "wrap_like"]
+__all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_fold", "load_weights", "model_files",
+           "wrap_like"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def wrap_like(network_def: torch.nn.Module, exported: torch.nn.Module) -> torch.
     return SliceWiseNetwork(exported, network_def.slice_axis, network_def.foreground_fraction, network_def.slice_batch)
 
 
-def _load_fold(network_def: torch.nn.Module, path: Path, model_format: str, device) -> torch.nn.Module:
+def load_fold(network_def: torch.nn.Module, path: Path, model_format: str, device="cpu") -> torch.nn.Module:
+    """One fold model as ``network_def`` runs it: its export (``torchscript``, ``onnx``; :func:`wrap_like`) or its
+    state dict loaded into a copy of ``network_def`` (``pytorch``)."""
     if model_format == "torchscript":
         return wrap_like(network_def, torch.jit.load(str(path), map_location="cpu"))
     if model_format == "onnx":
@@ -165,6 +168,6 @@ def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset:
         state_dict = path.with_suffix(MODEL_SUFFIXES["pytorch"])
         if model_format != "pytorch" and state_dict.is_file() and state_dict.stat().st_mtime > path.stat().st_mtime:
             logger.warning("%s is older than %s: re-export with 'make export'", path, state_dict.name)
-        networks.append(_load_fold(network_def, path, model_format, device))
+        networks.append(load_fold(network_def, path, model_format, device))
     logger.info("ensemble of %d %s fold models from %s", len(networks), model_format, Path(models_dir) / dataset)
     return Ensemble(networks, flip_axes).to(device).eval()

@@ -37,7 +37,7 @@ import torch
 from monai.bundle import ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
-from scripts.ensemble import OnnxNetwork, model_files, wrap_like
+from scripts.ensemble import load_fold, model_files
 from scripts.files import MODEL_SUFFIXES, bundle_configs, save_json
 from scripts.plans import build_network, load_plan
 
@@ -106,9 +106,8 @@ def export_fold(state_dict: str | Path, formats: Sequence[str], configs: Sequenc
 
 
 def _run_export(fmt: str, path: Path, x: torch.Tensor, network_def: torch.nn.Module) -> torch.Tensor:
-    network = torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else OnnxNetwork(path)
     with torch.no_grad():
-        return wrap_like(network_def, network).eval()(x)
+        return load_fold(network_def, path, fmt).eval()(x)  # as inference loads it
 
 
 def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] = EXPORT_FORMATS,

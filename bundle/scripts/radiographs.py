@@ -272,17 +272,3 @@ class WriteOverlayd(MapTransform):
                 logger.warning("%s: no overlay (%s: %s)", stem, type(err).__name__, err)
                 _remove_stale(target)
         return d
-        for key in self.key_iterator(d):
-            probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0)
-            try:
-                grey = self._background(d, tuple(probability.shape), stem)
-            except (OSError, RuntimeError) as err:  # the input changed since it was read: the map still counts
-                logger.warning("%s: no overlay, the image could not be read again (%s)", stem, err)
-                _remove_stale(target)
-                continue
-            probability = probability.T.cpu().numpy()
-            alpha = np.clip(probability, 0, 1)[..., None]
-            picture = (1 - alpha) * (grey[..., None] / 255.0) + alpha * _heat(probability)
-            pixels = (picture * 255).round().astype(np.uint8)
-            write_atomically(target, lambda tmp, rgb=pixels: Image.fromarray(rgb).save(tmp, format="PNG"))
-        return d
