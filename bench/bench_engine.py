@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
 
 from scripts.anomalies import TASKS, poisson_blend, synthesize  # noqa: E402
-from scripts.files import save_json  # noqa: E402
+from scripts.io.files import save_json  # noqa: E402
 from tools import phantoms  # noqa: E402
 
 SIZE = 128

@@ -48,9 +48,9 @@ sys.path.insert(1, str(REPO))  # the tools (tools.toy_data)
 
 from scripts.evaluate import evaluate  # noqa: E402
 from scripts.export import export_dataset  # noqa: E402
-from scripts.files import bundle_configs, save_json  # noqa: E402
-from scripts.niftiio import fast_gzip_in_use, reverse_axes, use_fast_gzip  # noqa: E402
-from scripts.postprocessing import DEFAULT_PIXEL_MAP_DTYPE, PIXEL_MAP_DTYPES, WritePixelMapd  # noqa: E402
+from scripts.inference.writers import DEFAULT_PIXEL_MAP_DTYPE, PIXEL_MAP_DTYPES, WritePixelMapd  # noqa: E402
+from scripts.io.files import bundle_configs, save_json  # noqa: E402
+from scripts.io.nifti import fast_gzip_in_use, reverse_axes, use_fast_gzip  # noqa: E402
 from tools.toy_data import write_toy_dataset  # noqa: E402
 
 # 0.7.1, the last release before `--mode both`, float16 maps and ISA-L

@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(1, str(REPO))
 
 from scripts.evaluate import count_metrics, float16_bin_counts  # noqa: E402
-from scripts.files import save_json  # noqa: E402
-from scripts.postprocessing import sample_score  # noqa: E402
+from scripts.io.files import save_json  # noqa: E402
+from scripts.scores import sample_score  # noqa: E402
 from tools.demo import run_script  # noqa: E402
 from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, write_toy_dataset  # noqa: E402
 

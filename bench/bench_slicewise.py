@@ -41,7 +41,7 @@ sys.path.insert(2, str(REPO))
 
 import bench_quality  # noqa: E402
 
-from scripts.files import load_json, save_json  # noqa: E402
+from scripts.io.files import load_json, save_json  # noqa: E402
 
 KINDS = {"3d": (), "2d": ("slicewise.yaml",)}  # overlays after the dataset's
 

@@ -32,7 +32,7 @@ sys.path.insert(1, str(REPO))  # the tools (tools.phantoms)
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.files import bundle_configs, save_json  # noqa: E402
+from scripts.io.files import bundle_configs, save_json  # noqa: E402
 from tools.phantoms import write_normal_scans  # noqa: E402
 
 

@@ -34,12 +34,12 @@ sys.path.insert(1, str(REPO))  # the tools
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.transforms import GaussianSmooth  # noqa: E402
 
-from scripts.ensemble import Ensemble  # noqa: E402
-from scripts.files import bundle_configs, save_json  # noqa: E402
-from scripts.metrics import PixelAveragePrecision  # noqa: E402
-from scripts.networks import make_inferer  # noqa: E402
-from scripts.plans import build_network, load_plan  # noqa: E402
-from scripts.postprocessing import sample_score  # noqa: E402
+from scripts.inference.ensemble import Ensemble  # noqa: E402
+from scripts.io.files import bundle_configs, save_json  # noqa: E402
+from scripts.networks import build_network, make_inferer  # noqa: E402
+from scripts.plans import load_plan  # noqa: E402
+from scripts.scores import sample_score  # noqa: E402
+from scripts.training.metrics import PixelAveragePrecision  # noqa: E402
 
 
 def fpi_slice_score(prediction: torch.Tensor, axis: int = 2) -> float:

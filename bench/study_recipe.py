@@ -39,7 +39,7 @@ sys.path.insert(2, str(REPO / "bench"))
 
 import bench_quality  # noqa: E402
 
-from scripts.files import save_json  # noqa: E402
+from scripts.io.files import save_json  # noqa: E402
 from tools.toy_data import DATASETS, write_toy_dataset  # noqa: E402
 
 # one knob each against the defaults of train.yaml (when the study of bundle/docs/README.md ran: MSE; BCE won

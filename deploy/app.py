@@ -87,7 +87,7 @@ def main() -> int:
     """Run the app; the exit code says whether any scan failed (``FAILED_CASES_EXIT_CODE``, as the bundle)."""
     app = MoodAnomalyApp()
     app.run()
-    from scripts.handlers import FAILED_CASES_EXIT_CODE  # importable once compose found the bundle root
+    from scripts.inference.progress import FAILED_CASES_EXIT_CODE  # importable once compose found the bundle root
 
     return FAILED_CASES_EXIT_CODE if app.any_case_failed else 0
 

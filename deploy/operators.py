@@ -73,7 +73,7 @@ class BundleInference:
 
     def __init__(self, bundle_root: Path, dataset: str, models_dir: Path, input_dir: Path, output_dir: Path,
                  model_format: str = "pytorch", allow_partial_ensemble: bool = False) -> None:
-        from scripts.files import MODEL_SUFFIXES  # importable once the bundle root is known
+        from scripts.io.files import MODEL_SUFFIXES  # importable once the bundle root is known
 
         if model_format not in MODEL_SUFFIXES:
             raise ValueError(f"MOOD_MODEL_FORMAT must be one of {sorted(MODEL_SUFFIXES)}, got {model_format!r}")

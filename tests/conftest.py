@@ -50,7 +50,8 @@ FINGERPRINT = {"percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": -1
 def write_models(models_dir: Path, dataset: str, folds, fingerprint: dict | None = None, **settings) -> Path:
     """Fold models of random weights as training leaves them: ``plans.json`` (training's defaults with
     ``settings`` overriding its keys, e.g. ``network_depth=3``) and one ``fold_<k>.pt`` state dict per fold."""
-    from scripts.plans import build_network, default_plan, ensure_plan
+    from scripts.networks import build_network
+    from scripts.plans import default_plan, ensure_plan
 
     if dataset == "abdom":
         fingerprint = fingerprint or FINGERPRINT

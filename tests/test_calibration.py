@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from conftest import write_models
-from scripts.calibration import DEFAULT_FPRS, VoxelTail, operating_point, score_threshold
-from scripts.data import list_scans
-from scripts.files import bundle_configs
-from scripts.plans import build_network, default_plan, ensure_plan, load_plan, split_record
-from scripts.worklist import WORKLIST_COLUMNS
+from scripts.data.datasets import list_scans
+from scripts.inference.operating_points import DEFAULT_FPRS, VoxelTail, operating_point, score_threshold
+from scripts.inference.worklist import WORKLIST_COLUMNS
+from scripts.io.files import bundle_configs
+from scripts.networks import build_network
+from scripts.plans import default_plan, ensure_plan, load_plan, split_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}

@@ -11,16 +11,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.data import (
-    SyntheticAnomalyDataset,
-    assign_folds,
-    compute_fingerprint,
-    cross_validation_split,
-    default_tasks,
-    list_scans,
-    model_folds,
-    random_patch,
-)
+from scripts.data.datasets import SyntheticAnomalyDataset, compute_fingerprint, list_scans, random_patch
+from scripts.data.splits import assign_folds, cross_validation_split, default_tasks, model_folds
 from scripts.transforms import NormaliseIntensityd
 
 SCANS = [f"/data/brain_train/{i:05d}.nii.gz" for i in range(53)]
@@ -215,7 +207,7 @@ def test_fingerprint_normalisation_is_the_same_for_hounsfield_and_rescaled_ct():
 
 
 def test_fingerprint_written_and_read_back(tmp_path):
-    from scripts.files import save_json
+    from scripts.io.files import save_json
 
     fingerprint = compute_fingerprint(preprocessed(3))
     path = save_json(fingerprint, tmp_path / "fingerprint.json")

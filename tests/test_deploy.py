@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from scripts.export import export_dataset
-from scripts.files import bundle_configs
-from scripts.handlers import FAILED_CASES_EXIT_CODE
+from scripts.inference.progress import FAILED_CASES_EXIT_CODE
+from scripts.io.files import bundle_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = os.environ.get("MOOD_DEPLOY_PYTHON")

@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from conftest import textured_scan, write_models
-from scripts import dicomio
-from scripts.files import bundle_configs
-from scripts.inference import _check_scan, list_inputs
+from scripts.io import dicom as dicomio
+from scripts.io.cases import check_scan as _check_scan
+from scripts.io.cases import list_inputs
+from scripts.io.files import bundle_configs
 
 # MONAI's LoadImage makes its nvImageCodec DICOM reader, which warns that nvImageCodec is missing (the bundle
 # silences it at import; pytest resets warning filters per test)
@@ -354,7 +355,7 @@ def test_the_readers_own_error_is_the_reason(tmp_path):
     a suitable reader" after trying every other reader."""
     from monai.transforms import LoadImaged
 
-    from scripts.inference import describe_error
+    from scripts.cli import describe_error
 
     write_series(tmp_path / "series", edit=_compressed(pydicom.uid.JPEGBaseline8Bit, b"\xff\xd8garbage\xff\xd9"))
     (item,) = list_inputs(tmp_path)
@@ -371,7 +372,7 @@ def test_the_map_of_a_series_is_written_on_the_grid_it_carries(sheared, tmp_path
     import torch
     from monai.data import MetaTensor
 
-    from scripts.postprocessing import WritePixelMapd
+    from scripts.inference.writers import WritePixelMapd
 
     affine = np.diag([-0.8, -1.1, 2.5, 1.0])
     affine[:3, 3] = [12.0, -30.0, 41.0]

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.ensemble import OnnxNetwork, load_ensemble, model_files
 from scripts.export import ONNX_CONVERTER_KWARGS, export_dataset, probe_volume
-from scripts.files import bundle_configs
-from scripts.plans import build_network, load_plan
+from scripts.inference.ensemble import OnnxNetwork, load_ensemble, model_files
+from scripts.io.files import bundle_configs
+from scripts.networks import build_network
+from scripts.plans import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 META = "bundle/configs/metadata.json"
@@ -78,7 +79,7 @@ def test_model_zoo_checks_and_exports_of_the_shipped_models(dataset, tmp_path):
 
 
 def test_verify_net_in_out_catches_a_network_that_breaks_the_metadata():
-    two_channels = ("$scripts.plans.build_network({**@plan['network'], "
+    two_channels = ("$scripts.networks.build_network({**@plan['network'], "
                     "'args': {**@plan['network']['args'], 'out_channels': 2}})")
     result = bundle_cli("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", configs("brain"),
                         "--n", "2", "--bundle_root", "bundle", "--network_def", two_channels, check=False)

@@ -24,7 +24,7 @@ CASES, SIZE, SEED = 3, 128, 0
 
 
 def output_digests(folder: Path) -> dict:
-    """Per output file: a map's voxel values (as stored: dtype and raw bytes), affine and shape, hashed; a score's text."""
+    """Per output file: a map's stored voxel values (dtype and raw bytes, hashed), affine and shape; a score's text."""
     digests = {}
     for path in sorted(folder.iterdir()):
         if path.name.endswith(".txt"):

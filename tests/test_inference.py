@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import write_models as write_planned_models
-from scripts.files import bundle_configs
+from scripts.io.files import bundle_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network_depth": 3, "network_base_filters": 4, "spatial_size": [24, 24, 24]}
@@ -209,7 +209,7 @@ def test_maps_do_not_depend_on_the_intensity_convention(dataset, normal_scans, t
 
 
 def test_test_time_flips_average_each_flipped_map_flipped_back():
-    from scripts.ensemble import Ensemble
+    from scripts.inference.ensemble import Ensemble
 
     class AddRamp(torch.nn.Module):  # adds a ramp along the last axis: equivariant to the flips of the others
         def forward(self, x):

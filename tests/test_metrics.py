@@ -7,12 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from scripts.metrics import (
-    PixelAveragePrecision,
-    SampleAveragePrecision,
-    average_precision_from_counts,
-)
-from scripts.postprocessing import sample_score
+from scripts.scores import sample_score
+from scripts.training.metrics import PixelAveragePrecision, SampleAveragePrecision, average_precision_from_counts
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -15,8 +15,8 @@ from monai.data import NibabelReader
 from nibabel.filebasedimages import ImageFileError
 
 from scripts.evaluate import count_metrics, float16_bin_counts
-from scripts.niftiio import ContiguousNibabelReader, fast_gzip_in_use, read_tolerantly, reverse_axes, use_fast_gzip
-from scripts.postprocessing import WritePixelMapd
+from scripts.inference.writers import WritePixelMapd
+from scripts.io.nifti import ContiguousNibabelReader, fast_gzip_in_use, read_tolerantly, reverse_axes, use_fast_gzip
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_a_stream_isal_refuses_is_read_with_zlib(tmp_path, damage):
 
 
 def test_prefetching_loader_loads_one_case_ahead_and_raises_its_errors():
-    from scripts.inference import PrefetchingDataLoader
+    from scripts.inference.engine import PrefetchingDataLoader
 
     class Cases(torch.utils.data.Dataset):
         def __init__(self, failing: int | None = None):

@@ -19,17 +19,12 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import PLANNED, write_models
-from scripts.data import assign_folds, cross_validation_split
+from scripts.data.splits import assign_folds, cross_validation_split
 from scripts.export import export_dataset
-from scripts.files import bundle_configs
-from scripts.plans import (
-    PlanConflictError,
-    build_network,
-    default_plan,
-    ensure_plan,
-    load_plan,
-    network_spec_from_state_dict,
-)
+from scripts.io.files import bundle_configs
+from scripts.migrate_plans import network_spec_from_state_dict
+from scripts.networks import build_network
+from scripts.plans import PlanConflictError, default_plan, ensure_plan, load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 META = str(ROOT / "bundle/configs/metadata.json")
@@ -193,7 +188,7 @@ def test_shipped_models_carry_their_plan(dataset):
     text = "".join(p.read_text() for p in (ROOT / "bundle/models" / dataset).glob("*.json"))
     assert "/work/" not in text and "/tmp/" not in text and "/home/" not in text
     # measured with these very weights, so inference flags scans with them
-    from scripts.calibration import operating_point
+    from scripts.inference.operating_points import operating_point
 
     point = operating_point(plan, ROOT / "bundle/models", dataset, 0.05, 0.001)
     assert 0 < point["sample_threshold"] < 1 and 0 < point["voxel_threshold"] < 1
@@ -223,7 +218,7 @@ def test_check_properties_of_both_workflows(normal_scans, tmp_path):
 
 
 def test_training_refuses_too_few_scans_before_any_fold(normal_scans, tmp_path):
-    from scripts.training import main
+    from scripts.training.folds import main
 
     two = tmp_path / "two"
     two.mkdir()

@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage as ndi
 
-from scripts.files import bundle_configs
-from scripts.radiographs import (
+from scripts.io.files import bundle_configs
+from scripts.io.radiographs import (
     RadiographReader,
     check_radiograph,
     list_radiograph_inputs,
@@ -233,7 +233,7 @@ def test_the_overlay_is_drawn_over_the_source_image_and_never_left_stale(tmp_pat
     exactly the displayed image; a bright top-left quadrant stays top left), the heat where the map is high, and a
     map on another grid or an input gone since it was read gets no overlay (an earlier run's is removed) while the
     case goes on."""
-    from scripts.radiographs import WriteOverlayd
+    from scripts.inference.writers import WriteOverlayd
 
     rows, columns = 30, 20
     values = np.full((rows, columns), 0.2)

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from conftest import write_models
-from scripts import files
-from scripts.files import bundle_configs, is_scan, write_atomically
-from scripts.inference import describe_error
+from scripts.cli import describe_error
+from scripts.inference.worklist import read_worklist
+from scripts.io import files
+from scripts.io.files import bundle_configs, is_scan, write_atomically
 from scripts.transforms import NormaliseIntensity
-from scripts.worklist import read_worklist
 from tools.hostile_inputs import LONG_NAME, claim_header, nan_sform_nii
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_write_atomically_leaves_the_old_file_or_the_whole_new_one(tmp_path):
 
     def interrupted(tmp: Path) -> None:
         tmp.write_bytes(b"half")
-        raise SystemExit(143)  # what SIGTERM becomes (scripts.inference.exit_cleanly_on_sigterm)
+        raise SystemExit(143)  # what SIGTERM becomes (scripts.cli.exit_cleanly_on_sigterm)
 
     with pytest.raises(SystemExit):
         write_atomically(target, interrupted)
@@ -173,8 +173,9 @@ def test_normalisation_works_at_any_scale():
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_lowering_the_safety(tmp_path):
-    from scripts.ensemble import load_ensemble
-    from scripts.plans import build_network, load_plan
+    from scripts.inference.ensemble import load_ensemble
+    from scripts.networks import build_network
+    from scripts.plans import load_plan
 
     class RunsCode:
         def __reduce__(self):
@@ -192,7 +193,7 @@ def test_check_folds_refuses_a_partial_ensemble_and_names_failed_folds(tmp_path,
     import json
     import logging
 
-    from scripts.ensemble import check_folds
+    from scripts.inference.ensemble import check_folds
 
     folder = tmp_path / "brain"
     folder.mkdir()

@@ -520,7 +520,7 @@ def _expected_grey(path: Path) -> np.ndarray:
     """The image as the bundle preprocesses it, in display order (rows, columns), 0-255."""
     from monai.transforms import LoadImage
 
-    from scripts.radiographs import RadiographReader
+    from scripts.io.radiographs import RadiographReader
     from scripts.transforms import RadiographIntensity
 
     image = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)(str(path))
@@ -539,7 +539,7 @@ RADIOGRAPHS = {"a.dcm": ("a.nii.gz", (36, 52), (44, 8), 0.90),  # landscape; the
 def radiographs(tmp_path_factory):
     """A folder of 2D images (PNG, DICOM with and without a suffix, a broken file; no labels) and an inference
     output folder as the bundle writes it for xray.yaml: maps in (columns, rows), .txt scores, scores.csv."""
-    from scripts.worklist import WORKLIST_COLUMNS
+    from scripts.inference.worklist import WORKLIST_COLUMNS
 
     root = tmp_path_factory.mktemp("radiographs")
     scans, pred = root / "scans", root / "pred"

@@ -17,11 +17,11 @@ import torch
 from monai.data import MetaTensor
 from monai.networks.nets import DynUNet
 
-from scripts.calibration import operating_point
-from scripts.data import SyntheticAnomalyDataset
-from scripts.networks import EMPTY_SLICE_LOGIT, SliceWiseNetwork, slices_with_foreground
-from scripts.plans import build_network, default_plan, make_plan
-from scripts.postprocessing import fpi_slice_score, sample_score, sample_score_method
+from scripts.data.datasets import SyntheticAnomalyDataset
+from scripts.inference.operating_points import operating_point
+from scripts.networks import EMPTY_SLICE_LOGIT, SliceWiseNetwork, build_network, slices_with_foreground
+from scripts.plans import default_plan, make_plan, sample_score_method
+from scripts.scores import fpi_slice_score, sample_score
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_2D = ["--spatial_size", "[32,32,32]", "--network_depth", "3", "--network_base_filters", "4", "--num_workers", "0",
@@ -134,8 +134,8 @@ def test_training_slices_hold_foreground_and_their_anomalies():
 
 def test_another_sample_aggregation_than_the_plans_flags_nothing(tmp_path, caplog):
     from conftest import write_models
-    from scripts.calibration import fold_digests
-    from scripts.files import save_json
+    from scripts.inference.operating_points import fold_digests
+    from scripts.io.files import save_json
     from scripts.plans import load_plan
 
     models = write_models(tmp_path / "models", "brain", (0,), spatial_size=[32, 32, 32], network_depth=3)

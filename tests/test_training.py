@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.networks.nets import DynUNet
 
-from scripts.files import bundle_configs
+from scripts.io.files import bundle_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--spatial_size", "[24,24,24]", "--network_depth", "3", "--network_base_filters", "4",
@@ -232,7 +232,7 @@ def test_two_process_ddp_on_cpu(normal_scans, tmp_path):
 def test_the_schedule_follows_the_steps_or_the_budget_whichever_is_further():
     from monai.optimizers import WarmupCosineSchedule
 
-    from scripts.handlers import TimeBudget, WarmupCosineWithinBudget
+    from scripts.training.handlers import TimeBudget, WarmupCosineWithinBudget
 
     def rates(make, steps=40):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -287,7 +287,7 @@ def test_the_command_line_writes_the_set_and_prints_one_line(tmp_path, capsys):
 def test_make_normals_for_xray_writes_the_datasets_training_images_and_the_bundle_lists_them(tmp_path):
     """`make normals DATASET=xray` (tools.phantoms) writes the training radiographs of write_xray_dataset with the
     same seed, flat in its folder, where the xray overlay's scan listing finds them."""
-    from scripts.radiographs import list_radiographs
+    from scripts.io.radiographs import list_radiographs
     from tools.phantoms import main as normals_main
 
     paths = normals_main(["--dataset", "xray", "--output_dir", str(tmp_path / "normals"), "--count", "3",

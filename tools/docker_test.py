@@ -43,7 +43,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.evaluate import evaluate
-from scripts.files import is_scan
+from scripts.io.files import is_scan
 from tools.demo import run_script
 from tools.toy_data import write_toy_dataset
 

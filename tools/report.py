@@ -38,7 +38,7 @@ references) holds:
 2D images (chest radiographs, ``bundle/configs/xray.yaml``): when the scans folder holds no NIfTI scan but PNG,
 JPEG or DICOM files (by suffix, or DICOM by content), and no worklist row names a folder (a DICOM series, whose files
 are slices), the cases are its images, named as the bundle names their outputs
-(:func:`scripts.radiographs.list_radiograph_inputs`: ``a.dcm`` -> ``a.nii.gz``, ``a.png`` -> ``a_png.nii.gz`` beside
+(:func:`scripts.io.radiographs.list_radiograph_inputs`: ``a.dcm`` -> ``a.nii.gz``, ``a.png`` -> ``a_png.nii.gz`` beside
 it), so maps, scores, ``scores.csv`` rows and MOOD-like labels (``toy_label/pixel/<name>``, 2D NIfTI) match by name.
 A folder with NIfTI scans is read as volumes: 2D images beside them are left out (counted in the summary). Each 2D
 case gets one view instead of three: the whole image as the bundle preprocesses it (its reader, the DICOM window,
@@ -88,8 +88,8 @@ from scipy import ndimage as ndi
 # scripts.evaluate (torch, MONAI through the scripts package), sklearn and pyplot are imported where they are
 # needed: a report without labels never loads them (about 10 s on 2 cores).
 
-__all__ = ["MIN_PANEL_WIDTH", "PANEL_SIDE", "THRESHOLD_COLOUR", "ReportError", "display_window", "fmt_metric", "main",
-           "pr_curve_from_counts", "read_scores_csv", "write_report"]
+__all__ = ["MIN_PANEL_WIDTH", "PANEL_SIDE", "STYLE", "THRESHOLD_COLOUR", "ReportError", "display_window", "fmt_metric",
+           "main", "pr_curve_from_counts", "read_scores_csv", "write_report"]
 
 DEFAULT_TITLE = "Anomaly detection report"
 WORKLIST_NAME = "scores.csv"
@@ -258,7 +258,7 @@ def _new_case(name: str, scan: Path | None, **row) -> dict:
 
 def _looks_like_image(path: Path) -> bool:
     """Cheaply, whether ``path`` may be a 2D image of the bundle's (PNG, JPEG, DICOM by suffix or by its 'DICM'
-    preamble); :func:`scripts.radiographs.list_radiograph_inputs` decides (it imports torch and MONAI)."""
+    preamble); :func:`scripts.io.radiographs.list_radiograph_inputs` decides (it imports torch and MONAI)."""
     if not path.is_file() or path.name.startswith("."):
         return False
     if path.name.lower().endswith(IMAGE_SUFFIXES):
@@ -274,13 +274,13 @@ def _inputs(scans_dir: Path, row_scans: Sequence[Path]) -> tuple[str, list[tuple
     """(kind, [(case name, file)], images not shown) of the scans folder: ``"volumes"`` when it holds NIfTI scans
     (any 2D images beside them are left out and counted) or a worklist row names a folder (a DICOM series: its
     files are slices, not radiographs); else ``"images"`` when it holds 2D images, named as the bundle names their
-    outputs (:func:`scripts.radiographs.list_radiograph_inputs`)."""
+    outputs (:func:`scripts.io.radiographs.list_radiograph_inputs`)."""
     entries = sorted(scans_dir.iterdir()) if scans_dir.is_dir() else []
     files = [p for p in entries if _is_scan(p)]
     images = [p for p in entries if not _is_scan(p) and _looks_like_image(p)]
     if files or not images or any(scan.is_dir() for scan in row_scans):
         return "volumes", [(scan.name, scan) for scan in files], len(images) if files else 0
-    from scripts.radiographs import list_radiograph_inputs
+    from scripts.io.radiographs import list_radiograph_inputs
 
     try:
         items = list_radiograph_inputs(scans_dir)
@@ -383,7 +383,7 @@ def _load_scan(path: Path, series_uid: str = "", grid_affine: np.ndarray | None 
             raise ValueError("a DICOM series without a map (the map gives its grid's orientation)")
         return _load_dicom_series(path, series_uid), np.asarray(grid_affine, dtype=np.float64)
     if not _is_scan(path):
-        from scripts.radiographs import read_for_display
+        from scripts.io.radiographs import read_for_display
 
         return read_for_display(path)
     img = nib.load(str(path))  # the file's own data type (int16 CT stays int16: half the memory of float32)
@@ -860,6 +860,8 @@ def _metrics(cases: list[dict], pixel_counts: dict | None, sample_eval: dict | N
 
 
 # --------------------------------------------------------------------------------------------------- HTML
+# the report's stylesheet; its rules apply inside <div class='mood-report'> (pages that embed reports, such as
+# tools.demo's index, use it for their own content too)
 STYLE = """
 .mood-report{font-family:"DejaVu Sans",Verdana,"Segoe UI",Roboto,sans-serif;font-size:16px;line-height:1.45;
   color:#1a1a1a;max-width:1320px;margin:0 auto;padding:0 16px 40px}

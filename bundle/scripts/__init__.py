@@ -5,7 +5,7 @@ silences two known upstream messages by name (:func:`quiet_known_warnings`)."""
 import logging
 import warnings
 
-from scripts.niftiio import use_fast_gzip_unless_disabled
+from scripts.io.nifti import use_fast_gzip_unless_disabled
 
 # MONAI's notice that a bundle config is trusted code, printed before any bundle code runs: the wrappers (Makefile,
 # run scripts, training's fold processes) set it in PYTHONWARNINGS

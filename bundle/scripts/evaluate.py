@@ -45,8 +45,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from scripts.files import save_json
-from scripts.metrics import average_precision_from_counts
+from scripts.io.files import save_json
+from scripts.training.metrics import average_precision_from_counts
 
 __all__ = ["MODES", "auroc_from_counts", "count_metrics", "evaluate", "float16_bin_counts", "main"]
 

@@ -37,9 +37,10 @@ import torch
 from monai.bundle import ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
-from scripts.ensemble import load_fold, model_files
-from scripts.files import MODEL_SUFFIXES, bundle_configs, save_json
-from scripts.plans import build_network, load_plan
+from scripts.inference.ensemble import load_fold, model_files
+from scripts.io.files import MODEL_SUFFIXES, bundle_configs, save_json
+from scripts.networks import build_network
+from scripts.plans import load_plan
 
 __all__ = ["EXPORT_FORMATS", "ONNX_CONVERTER_KWARGS", "export_dataset", "export_fold", "onnx_converter_kwargs",
            "probe_volume"]

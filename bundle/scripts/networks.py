@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+
+from scripts.transforms import IntensityForeground
 
 __all__ = ["EMPTY_SLICE_LOGIT", "SLIDING_WINDOW_OVERLAP", "SliceWiseNetwork", "make_inferer", "slices_with_foreground",
            "with_output_prior"]
@@ -28,7 +31,6 @@ def slices_with_foreground(volume: torch.Tensor, slice_axis: int, fraction: floa
     voxels above ``min + fraction (p99 - min)``): a boolean vector, one entry per slice. Training draws its slices
     from these; inference gives the others 0. The rule is applied to the network's input itself, so training,
     validation, calibration and inference agree on it without carrying the mask along."""
-    from scripts.transforms import IntensityForeground
 
     mask = IntensityForeground(fraction)(volume)[0]
     other = [a for a in range(mask.ndim) if a != slice_axis]
@@ -117,4 +119,20 @@ def with_output_prior(network: torch.nn.Module, prior: float = 0.01) -> torch.nn
         raise ValueError(f"the network's last convolution {last} has no bias to initialise")
     with torch.no_grad():
         last.bias.fill_(math.log(prior / (1.0 - prior)))
+    return network
+
+
+def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module:
+    """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``); for a plan with a
+    ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes and runs
+    ``slice_batch`` slices per pass (a speed and memory setting: the output is the same)."""
+    from monai.networks import nets
+
+    spec = plan["network"] if "network" in plan else plan
+    network_class = getattr(nets, spec["name"], None)
+    if network_class is None:
+        raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")
+    network = network_class(**copy.deepcopy(spec["args"]))
+    if "network" in plan and plan.get("slice_axis") is not None:
+        network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"], slice_batch)
     return network

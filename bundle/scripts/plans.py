@@ -13,8 +13,6 @@ width, another grid) loads without any extra flag.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import logging
 import math
@@ -25,33 +23,25 @@ from pathlib import Path
 
 import torch
 
-from scripts.data import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
-from scripts.files import load_json, save_json
-from scripts.networks import SliceWiseNetwork
-from scripts.postprocessing import sample_score_method
-from scripts.transforms import NORMALISATION_MODES
-
-__all__ = [
-    "PLAN_FILE",
-    "PLAN_FORMAT",
-    "PlanConflictError",
-    "build_network",
-    "default_plan",
-    "ensure_plan",
-    "load_plan",
-    "make_plan",
-    "network_spec_from_state_dict",
-    "split_record",
-    "versions",
-]
+from scripts.data.splits import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
+from scripts.io.files import bundle_configs, load_json, save_json
 
 logger = logging.getLogger(__name__)
 
+
 PLAN_FILE = "plans.json"
+
+
 PLAN_FORMAT = 1
+# how a scan's intensities are normalised (scripts.transforms.NormaliseIntensity)
+NORMALISATION_MODES = ("zscore", "robust", "fingerprint", "none")
+
+
 # the plan's parts that versions do not change: two plans that agree on these describe the same model setup
 _SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "patch_size", "sliding_window", "slice_axis",
                "foreground_fraction", "normalisation", "split", "sample_score")
+
+
 # added to the format later, with the value every plan written before them means
 _LATER_KEYS = {"patch_size": None, "sliding_window": False, "slice_axis": None}
 
@@ -74,7 +64,7 @@ def versions() -> dict:
 def split_record(scans: Sequence[str], num_train_tasks: int = 1, tasks: Sequence[str] | None = None,
                  train_tasks: Sequence[str] | None = None, num_folds: int = NUM_FOLDS) -> dict:
     """The cross-validation of a dataset, every model fold included, with scans named relative to their folder
-    (the data fold of a scan depends on its file name only, see :func:`scripts.data.assign_folds`)."""
+    (the data fold of a scan depends on its file name only, see :func:`scripts.data.splits.assign_folds`)."""
     folds_of = assign_folds(scans, num_folds)
     count = num_folds if train_tasks else len(model_folds(num_train_tasks, num_folds))
     folds = []
@@ -105,7 +95,7 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         spatial_size: the working grid every scan is resampled to.
         normalisation: ``zscore`` or ``robust`` (each scan's own foreground) or ``fingerprint`` (the training data's
             statistics): :class:`scripts.transforms.NormaliseIntensity`.
-        fingerprint: the statistics of :func:`scripts.data.compute_fingerprint`; required with ``fingerprint``.
+        fingerprint: the statistics of :func:`scripts.data.datasets.compute_fingerprint`; required with ``fingerprint``.
         foreground_fraction: the foreground threshold of :class:`scripts.transforms.IntensityForegroundd`.
         split: :func:`split_record` of the training data (None when unknown).
         sample_score_fraction: the sample score is the mean of this fraction of the highest voxels of the map.
@@ -116,7 +106,7 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         slice_axis: None for a 3D network; 0, 1 or 2 for a 2D network (``spatial_dims`` 2) trained on slices of the
             working grid along that axis and applied slice by slice (:class:`scripts.networks.SliceWiseNetwork`).
         sample_score_aggregation: ``mean_of_top_fraction`` or FPI's ``fpi_top_slices``
-            (:func:`scripts.postprocessing.sample_score_method`; its slices along ``slice_axis``, else axis 2).
+            (:func:`scripts.plans.sample_score_method`; its slices along ``slice_axis``, else axis 2).
     """
     if normalisation not in NORMALISATION_MODES:
         raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
@@ -167,22 +157,6 @@ def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], 
     if any(p % f for p, f in zip(patch, factor)):
         raise ValueError(f"patch_size {patch}: each side must be a multiple of the network's downsampling {factor}")
     return patch
-
-
-def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module:
-    """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``); for a plan with a
-    ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes and runs
-    ``slice_batch`` slices per pass (a speed and memory setting: the output is the same)."""
-    from monai.networks import nets
-
-    spec = plan["network"] if "network" in plan else plan
-    network_class = getattr(nets, spec["name"], None)
-    if network_class is None:
-        raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")
-    network = network_class(**copy.deepcopy(spec["args"]))
-    if "network" in plan and plan.get("slice_axis") is not None:
-        network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"], slice_batch)
-    return network
 
 
 def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
@@ -250,7 +224,6 @@ def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fin
     as given. For models made outside training (tests, benchmarks)."""
     from monai.bundle import ConfigParser
 
-    from scripts.files import bundle_configs
 
     bundle_root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[1]
     parser = ConfigParser()
@@ -265,87 +238,25 @@ def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fin
                      get("sliding_window"), get("slice_axis"), get("sample_score_aggregation"))
 
 
-# ---- models trained before plans existed -------------------------------------------------------------------------
-
-def network_spec_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict:
-    """The DynUNet definition (as the bundle's training configures it: instance norm, no deep supervision, no
-    residual blocks, stride 2 below the first level) that a plain state dict was saved from, read from its
-    convolution weights."""
-    def weight(prefix: str) -> torch.Tensor:
-        key = f"{prefix}.conv1.conv.weight"
-        if key not in state:
-            raise ValueError(f"not a state dict of the bundle's DynUNet: no {key!r}")
-        return state[key]
-
-    downs = sorted({int(k.split(".")[1]) for k in state if k.startswith("downsamples.")})
-    blocks = [weight("input_block"), *(weight(f"downsamples.{i}") for i in downs), weight("bottleneck")]
-    depth = len(blocks)
-    spatial_dims = blocks[0].ndim - 2
-    args = {
-        "spatial_dims": spatial_dims,
-        "in_channels": int(blocks[0].shape[1]),
-        "out_channels": int(state["output_block.conv.conv.weight"].shape[0]),
-        "kernel_size": [list(b.shape[2:]) for b in blocks],
-        "strides": [[1] * spatial_dims] + [[2] * spatial_dims] * (depth - 1),
-        "upsample_kernel_size": [[2] * spatial_dims] * (depth - 1),
-        "filters": [int(b.shape[0]) for b in blocks],
-        "norm_name": "instance",
-        "deep_supervision": False,
-        "res_block": False,
-    }
-    spec = {"name": "DynUNet", "args": json.loads(json.dumps(args))}
-    build_network(spec).load_state_dict(state)  # the definition must fit the weights exactly
-    return spec
+# how a map becomes one score per scan (the plan's ``sample_score`` record names one):
+# - mean_of_top_fraction: the mean of the map's ``top_fraction`` highest voxels (the bundle's default);
+# - fpi_top_slices: FPI's (Tan et al., MOOD 2020): the mean of each slice along ``slice_axis``, smoothed along that
+#   axis by a Savitzky-Golay filter (polynomial order 2, a window of about ``window_fraction`` of the slices), then
+#   the mean of the ``top_slices`` fraction of the highest smoothed slices
+SAMPLE_SCORE_AGGREGATIONS = ("mean_of_top_fraction", "fpi_top_slices")
 
 
-def plan_from_fold_records(models_dir: str | os.PathLike, dataset: str,
-                           sample_score_fraction: float = 0.01) -> dict:
-    """A plan for ``models_dir/<dataset>`` made before plans existed, from what it holds: the network read from
-    ``fold_0.pt``, the grid, normalisation and split from the ``fold_<k>.json`` records, the CT statistics from
-    ``fingerprint.json``. Every fold must fit the same definition."""
-    folder = Path(models_dir) / dataset
-    weights = sorted(folder.glob("fold_*.pt"))
-    if not weights:
-        raise FileNotFoundError(f"no fold_<k>.pt models in {str(folder)!r}")
-    spec = network_spec_from_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
-    for path in weights[1:]:
-        build_network(spec).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    records = [load_json(p) for p in sorted(folder.glob("fold_*.json"))]
-    grids = {tuple(r["spatial_size"]) for r in records if "spatial_size" in r}
-    modes = {r["normalisation"] for r in records if "normalisation" in r}
-    if len(grids) != 1 or len(modes) != 1:
-        raise ValueError(f"the fold records in {str(folder)!r} do not name one working grid and one normalisation "
-                         f"(grids {sorted(grids)}, normalisations {sorted(modes)})")
-    mode = modes.pop()
-    fingerprint = load_json(folder / "fingerprint.json") if mode == "fingerprint" else None
-    split = None
-    splits = [r["split"] for r in records if "split" in r]
-    if splits:
-        scans = sorted({s for r in splits for s in (*r["train_scans"], *r["val_scans"])})
-        first = splits[0]
-        combos = model_folds(len(first["train_tasks"]), len(first["tasks"]))
-        # explicit training tasks (e.g. the FPI-only baseline) rather than the fold's combination of the five
-        standard = all(s["fold"] < len(combos) and list(s["train_tasks"]) == [s["tasks"][i] for i in combos[s["fold"]]]
-                       for s in splits)
-        split = split_record(scans, num_train_tasks=len(first["train_tasks"]), tasks=first["tasks"],
-                             train_tasks=None if standard else first["train_tasks"])
-    return make_plan(dataset, spec, grids.pop(), mode, fingerprint, split=split,
-                     sample_score_fraction=sample_score_fraction)
+FPI_TOP_SLICES, FPI_WINDOW_FRACTION, FPI_POLYORDER = 0.25, 0.1, 2
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description="Add plans.json to a models folder trained before plans existed.")
-    parser.add_argument("--models_dir", required=True, help="folder of dataset subfolders (e.g. runs/models)")
-    parser.add_argument("--dataset", required=True, help="the dataset subfolder (brain, abdom)")
-    parser.add_argument("--sample_score_fraction", type=float, default=0.01,
-                        help="the sample-score aggregation the models were validated with (default 0.01)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = plan_from_fold_records(args.models_dir, args.dataset, args.sample_score_fraction)
-    path = ensure_plan(Path(args.models_dir) / args.dataset, plan)
-    print(path)
-    return path
-
-
-if __name__ == "__main__":
-    main()
+def sample_score_method(aggregation: str = "mean_of_top_fraction", top_fraction: float = 1e-2,
+                        slice_axis: int | None = None) -> dict:
+    """The ``sample_score`` record of a plan: ``aggregation`` (:data:`SAMPLE_SCORE_AGGREGATIONS`) with its
+    parameters; ``fpi_top_slices`` cuts along ``slice_axis`` (default 2, the axial axis of the RAS grid)."""
+    if aggregation not in SAMPLE_SCORE_AGGREGATIONS:
+        raise ValueError(f"sample score aggregation must be one of {SAMPLE_SCORE_AGGREGATIONS}, got {aggregation!r}")
+    method = {"aggregation": aggregation, "top_fraction": float(top_fraction)}
+    if aggregation == "fpi_top_slices":
+        method.update(slice_axis=2 if slice_axis is None else int(slice_axis), top_slices=FPI_TOP_SLICES,
+                      window_fraction=FPI_WINDOW_FRACTION, polyorder=FPI_POLYORDER)
+    return method

@@ -17,6 +17,7 @@ from monai.transforms.transform import apply_transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
+from scripts.plans import NORMALISATION_MODES
 
 __all__ = [
     "FiniteIntensity",
@@ -49,7 +50,6 @@ def _strided_values(image: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:
 # Beyond 2^60 in magnitude the squares that a z-score sums overflow float32 (2^128); below 2^-60 a float64
 # scan's values round to zero in float32. Scans are far inside: HU are below 2^12, MR arbitrary units below 2^20.
 SAFE_MAGNITUDE = 2.0**60
-NORMALISATION_MODES = ("zscore", "robust", "fingerprint", "none")
 
 
 def _source(img: NdarrayOrTensor) -> str:

@@ -12,24 +12,22 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import torch
 from monai.data import ImageReader, PILReader, PydicomReader
-from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 
-from scripts.files import write_atomically
-
-__all__ = ["RADIOGRAPH_SUFFIXES", "RadiographReader", "WriteOverlayd", "check_radiograph", "is_radiograph",
-           "list_radiograph_inputs", "list_radiographs", "output_name", "read_for_display"]
+from scripts.io.keys import NAME, PATH, SERIES_UID, SOURCE
+from scripts.transforms import RadiographIntensity
 
 logger = logging.getLogger(__name__)
 
+
 RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
 _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -116,10 +114,9 @@ def output_name(path: str | os.PathLike, taken: set[str]) -> str:
 
 def list_radiograph_inputs(input_dir: str | os.PathLike) -> list[dict]:
     """One inference item per 2D image directly in ``input_dir`` (PNG, JPEG, DICOM by suffix or content), sorted by
-    file name, with the keys of :func:`scripts.inference.list_inputs`: ``name`` (:func:`output_name`),
+    file name, with the keys of :func:`scripts.io.cases.list_inputs`: ``name`` (:func:`output_name`),
     ``image_path``, ``image``, ``source`` (the file name) and ``series_uid`` (the DICOM's SeriesInstanceUID, or "").
     Other files and subfolders are named in the log and skipped; a folder without any image is an error."""
-    from scripts.inference import NAME, PATH, SERIES_UID, SOURCE
 
     folder = Path(input_dir)
     if not folder.is_dir():
@@ -199,76 +196,6 @@ def read_for_display(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     the finite values alone); (columns, rows), the grid of its map. The overlay's and the report's background."""
     from monai.transforms import LoadImage
 
-    from scripts.transforms import RadiographIntensity
 
     image = LoadImage(reader=RadiographReader(), image_only=True, ensure_channel_first=True)(str(path))
     return np.asarray(RadiographIntensity()(image))[0], np.asarray(image.affine, dtype=np.float64)
-
-
-def _grey_uint8(image: torch.Tensor) -> np.ndarray:
-    """The preprocessed image ([-1, 1], (1, columns, rows)) as 8-bit grey in row-major display order."""
-    grey = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return grey.T.cpu().numpy()
-
-
-def _heat(probability: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] as RGB, black-red-yellow-white (a perceptually ordered heat map)."""
-    p = np.clip(probability, 0, 1)[..., None]
-    return np.clip(np.concatenate([3 * p, 3 * p - 1, 3 * p - 2], axis=-1), 0, 1)
-
-
-class WriteOverlayd(MapTransform):
-    """Writes ``<output_dir>/<stem>_overlay.png``: the map at ``keys`` drawn over its image as a heat map whose opacity
-    is the anomaly probability, so normal tissue stays the image and anomalies glow. The image: with ``source_key``
-    (xray.yaml: ``image_path``), the input file itself as the preprocessing sees it before the resize
-    (:func:`read_for_display`), at its own size, so the map must be back on the input's grid (listed after the
-    inversion); without, the preprocessed image at ``image_key``, on the map's working grid. Nothing for a failed
-    case. An overlay that cannot be made (the image unreadable or changed since, no memory) logs a warning and
-    leaves none; it never fails the case."""
-
-    def __init__(self, keys: str = "pred", image_key: str = "image", output_dir: str | Path = ".",
-                 source_key: str | None = None, allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.image_key = image_key
-        self.source_key = source_key
-        self.output_dir = Path(output_dir)
-
-    def _background(self, d: Mapping[Hashable, object], shape: tuple[int, ...], stem: str) -> np.ndarray | None:
-        if self.source_key is None:
-            return _grey_uint8(torch.as_tensor(d[self.image_key]))
-        image = torch.as_tensor(read_for_display(d[self.source_key])[0])[None]
-        if tuple(image.shape[1:]) != shape:  # the file changed since, or the overlay is listed before the inversion
-            logger.warning("%s: no overlay, the map's grid %s is not the image's %s", stem, shape,
-                           tuple(image.shape[1:]))
-            return None
-        return _grey_uint8(image)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from PIL import Image
-
-        from scripts.inference import ERROR, NAME
-        from scripts.postprocessing import _remove_stale
-
-        d = dict(data)
-        stem = str(d[NAME]).removesuffix(".nii.gz")
-        target = self.output_dir / f"{stem}_overlay.png"
-        if d.get(ERROR):  # a case that fails now must not keep an earlier run's overlay
-            _remove_stale(target)
-            return d
-        for key in self.key_iterator(d):
-            # an overlay is a picture of the result, never a reason to lose it: any failure here is logged and
-            # leaves no overlay, while the map and the score are written as ever
-            try:
-                probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0).clamp(0, 1)
-                grey = self._background(d, tuple(probability.shape), stem)
-                if grey is None:
-                    _remove_stale(target)
-                    continue
-                alpha = probability.T.cpu().numpy()[..., None]  # float32 throughout: a large radiograph stays cheap
-                picture = (1 - alpha) * (grey[..., None] / np.float32(255)) + alpha * _heat(alpha[..., 0])
-                pixels = (picture * 255).round().astype(np.uint8)
-                write_atomically(target, lambda tmp, rgb=pixels: Image.fromarray(rgb).save(tmp, format="PNG"))
-            except Exception as err:  # noqa: BLE001 - see above
-                logger.warning("%s: no overlay (%s: %s)", stem, type(err).__name__, err)
-                _remove_stale(target)
-        return d

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from monai.data import MetaTensor
 
-from scripts.files import MODEL_SUFFIXES, load_json
+from scripts.io.files import MODEL_SUFFIXES, load_json
+from scripts.networks import SliceWiseNetwork
 from scripts.plans import PLAN_FILE
 
 __all__ = ["Ensemble", "OnnxNetwork", "check_folds", "load_ensemble", "load_fold", "load_weights", "model_files",
@@ -94,7 +95,6 @@ class OnnxNetwork(torch.nn.Module):
 def wrap_like(network_def: torch.nn.Module, exported: torch.nn.Module) -> torch.nn.Module:
     """An export as ``network_def`` runs it: a slice-wise model's export is its 2D network alone, so it goes back into
     a :class:`scripts.networks.SliceWiseNetwork` with ``network_def``'s settings; any other export as it is."""
-    from scripts.networks import SliceWiseNetwork
 
     if not isinstance(network_def, SliceWiseNetwork):
         return exported

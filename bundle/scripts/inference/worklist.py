@@ -22,8 +22,9 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.files import write_atomically
-from scripts.inference import ERROR, NAME, PATH
+from scripts.io.files import write_atomically
+from scripts.io.keys import ERROR, NAME, PATH
+from scripts.scores import sample_score
 
 __all__ = ["WORKLIST_COLUMNS", "SummariseMapd", "WorklistWriter", "read_worklist"]
 
@@ -37,7 +38,7 @@ WORKLIST_COLUMNS = ("name", "source", "series_uid", "status", "reason", "sample_
 class SummariseMapd(MapTransform):
     """Adds what the worklist says of a case, from its map on the working grid (``pred``, channel first, a
     MetaTensor whose affine maps voxels to scanner coordinates): ``score`` (the sample score, as
-    :class:`scripts.postprocessing.WriteSampleScored` computes it), ``map_max`` and ``max_location_mm`` (the
+    :class:`scripts.inference.writers.WriteSampleScored` computes it), ``map_max`` and ``max_location_mm`` (the
     centre of the map's highest voxel, RAS millimetres as NIfTI's world coordinates), ``flagged`` (the score above
     ``sample_threshold``, the score rounded as the .txt file holds it) and ``volume_above_ml`` (the volume of the
     foreground voxels, ``foreground_key``, above ``voxel_threshold``, the rate being one of foreground voxels); the
@@ -53,7 +54,6 @@ class SummariseMapd(MapTransform):
         self.voxel_threshold = voxel_threshold
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from scripts.postprocessing import sample_score
 
         d = dict(data)
         if d.get(ERROR):
@@ -90,7 +90,8 @@ def _number(value, digits: int) -> str:
 class WorklistWriter:
     """Writes ``path`` (``scores.csv``, :data:`WORKLIST_COLUMNS`) after every case, the whole table each time through
     a temporary file, so it is never half-written. ``operating_point`` is
-    :func:`scripts.calibration.operating_point`'s. ``path`` empty or None: no worklist (the MOOD run scripts)."""
+    :func:`scripts.inference.operating_points.operating_point`'s. ``path`` empty or None: no worklist (the MOOD run
+    scripts)."""
 
     def __init__(self, path: str | Path | None, operating_point: Mapping | None = None) -> None:
         self.path = Path(path) if path else None

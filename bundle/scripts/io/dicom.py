@@ -31,8 +31,8 @@ import pydicom
 from monai.data import ImageReader, PydicomReader
 from monai.utils import ensure_tuple
 
-from scripts.files import is_scan
-from scripts.niftiio import ContiguousNibabelReader
+from scripts.io.files import is_scan
+from scripts.io.nifti import ContiguousNibabelReader
 
 __all__ = ["DicomSeries", "NiftiOrDicomReader", "check_series", "find_series", "is_dicom_file", "series_names"]
 

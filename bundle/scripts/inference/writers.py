@@ -17,14 +17,15 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.files import is_scan, write_atomically
-from scripts.inference import ERROR, NAME, PATH, SERIES_UID, readable_path
-from scripts.niftiio import read_tolerantly, reverse_axes
-
-__all__ = ["DEFAULT_PIXEL_MAP_DTYPE", "PIXEL_MAP_DTYPES", "SAMPLE_SCORE_AGGREGATIONS", "WritePixelMapd",
-           "WriteSampleScored", "fpi_slice_score", "sample_score", "sample_score_method"]
+from scripts.io.cases import readable_path
+from scripts.io.files import is_scan, write_atomically
+from scripts.io.keys import ERROR, NAME, PATH, SERIES_UID
+from scripts.io.nifti import read_tolerantly, reverse_axes
+from scripts.io.radiographs import read_for_display
+from scripts.scores import sample_score
 
 logger = logging.getLogger(__name__)
+
 
 # how a pixel map can be stored (make bench-inference measures each: seconds, size, MOOD's AP):
 # - float16: the map rounded to float16, stored as float32 (NIfTI-1 has no float16). MOOD's evaluator reads maps as
@@ -33,66 +34,12 @@ logger = logging.getLogger(__name__)
 #   float16's, so maps of mostly tiny probabilities lose some of the AP the evaluator would see;
 # - float32: the map's own values.
 PIXEL_MAP_DTYPES = ("float16", "uint16", "float32")
+
+
 DEFAULT_PIXEL_MAP_DTYPE = "float16"
+
+
 _UINT16_STEPS = 65535
-
-
-# how a map becomes one score per scan (the plan's ``sample_score`` record names one):
-# - mean_of_top_fraction: the mean of the map's ``top_fraction`` highest voxels (the bundle's default);
-# - fpi_top_slices: FPI's (Tan et al., MOOD 2020): the mean of each slice along ``slice_axis``, smoothed along that
-#   axis by a Savitzky-Golay filter (polynomial order 2, a window of about ``window_fraction`` of the slices), then
-#   the mean of the ``top_slices`` fraction of the highest smoothed slices
-SAMPLE_SCORE_AGGREGATIONS = ("mean_of_top_fraction", "fpi_top_slices")
-FPI_TOP_SLICES, FPI_WINDOW_FRACTION, FPI_POLYORDER = 0.25, 0.1, 2
-
-
-def sample_score_method(aggregation: str = "mean_of_top_fraction", top_fraction: float = 1e-2,
-                        slice_axis: int | None = None) -> dict:
-    """The ``sample_score`` record of a plan: ``aggregation`` (:data:`SAMPLE_SCORE_AGGREGATIONS`) with its
-    parameters; ``fpi_top_slices`` cuts along ``slice_axis`` (default 2, the axial axis of the RAS grid)."""
-    if aggregation not in SAMPLE_SCORE_AGGREGATIONS:
-        raise ValueError(f"sample score aggregation must be one of {SAMPLE_SCORE_AGGREGATIONS}, got {aggregation!r}")
-    method = {"aggregation": aggregation, "top_fraction": float(top_fraction)}
-    if aggregation == "fpi_top_slices":
-        method.update(slice_axis=2 if slice_axis is None else int(slice_axis), top_slices=FPI_TOP_SLICES,
-                      window_fraction=FPI_WINDOW_FRACTION, polyorder=FPI_POLYORDER)
-    return method
-
-
-def fpi_slice_score(prediction: torch.Tensor, slice_axis: int = 2, top_slices: float = FPI_TOP_SLICES,
-                    window_fraction: float = FPI_WINDOW_FRACTION, polyorder: int = FPI_POLYORDER) -> torch.Tensor:
-    """FPI's sample score of a map (*spatial, or 1, *spatial): per-slice means along spatial axis ``slice_axis``,
-    smoothed by a Savitzky-Golay filter of about ``window_fraction`` of the slices (an odd window, at least
-    ``polyorder + 2``; none when the map has fewer slices), then the mean of the highest ``top_slices`` fraction
-    (at least one)."""
-    from scipy.signal import savgol_filter
-
-    spatial = prediction.reshape(prediction.shape[-3:]).float() if prediction.ndim >= 3 else prediction.float()
-    means = spatial.movedim(slice_axis, 0).reshape(spatial.shape[slice_axis], -1).mean(dim=1)
-    window = max(polyorder + 2, int(round(window_fraction * means.numel())))
-    window += 1 - window % 2  # odd
-    if window <= means.numel():
-        smoothed = savgol_filter(means.cpu().double().numpy(), window, polyorder)
-        means = torch.as_tensor(smoothed, dtype=torch.float32, device=prediction.device)
-    k = max(1, int(round(top_slices * means.numel())))
-    return means.topk(k).values.mean()
-
-
-def sample_score(prediction: torch.Tensor, method: float | Mapping = 1e-2) -> torch.Tensor:
-    """Scan-level score from an anomaly map (*spatial, or 1, *spatial): ``method`` is a plan's ``sample_score``
-    record (:func:`sample_score_method`) or a number, the top fraction of ``mean_of_top_fraction``: the mean of
-    that fraction of the map's highest voxels (at least one)."""
-    if isinstance(method, Mapping):
-        if method.get("aggregation") == "fpi_top_slices":
-            return fpi_slice_score(prediction, method["slice_axis"], method["top_slices"], method["window_fraction"],
-                                   method["polyorder"])
-        if method.get("aggregation") != "mean_of_top_fraction":
-            raise ValueError(f"unknown sample score aggregation {method.get('aggregation')!r}; this bundle knows "
-                             f"{SAMPLE_SCORE_AGGREGATIONS}")
-        method = method["top_fraction"]
-    flat = prediction.reshape(-1).float()
-    k = max(1, int(round(float(method) * flat.numel())))
-    return flat.topk(k).values.mean()
 
 
 def _remove_stale(path: Path) -> None:
@@ -230,4 +177,71 @@ class WriteSampleScored(MapTransform):
             score = self.fallback_score
         path = write_atomically(self.output_dir / f"{d[NAME]}.txt", lambda tmp: tmp.write_text(f"{score:.6f}\n"))
         d["score"], d["written"] = score, str(path)
+        return d
+
+
+def _grey_uint8(image: torch.Tensor) -> np.ndarray:
+    """The preprocessed image ([-1, 1], (1, columns, rows)) as 8-bit grey in row-major display order."""
+    grey = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return grey.T.cpu().numpy()
+
+
+def _heat(probability: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as RGB, black-red-yellow-white (a perceptually ordered heat map)."""
+    p = np.clip(probability, 0, 1)[..., None]
+    return np.clip(np.concatenate([3 * p, 3 * p - 1, 3 * p - 2], axis=-1), 0, 1)
+
+
+class WriteOverlayd(MapTransform):
+    """Writes ``<output_dir>/<stem>_overlay.png``: the map at ``keys`` drawn over its image as a heat map whose opacity
+    is the anomaly probability, so normal tissue stays the image and anomalies glow. The image: with ``source_key``
+    (xray.yaml: ``image_path``), the input file itself as the preprocessing sees it before the resize
+    (:func:`read_for_display`), at its own size, so the map must be back on the input's grid (listed after the
+    inversion); without, the preprocessed image at ``image_key``, on the map's working grid. Nothing for a failed
+    case. An overlay that cannot be made (the image unreadable or changed since, no memory) logs a warning and
+    leaves none; it never fails the case."""
+
+    def __init__(self, keys: str = "pred", image_key: str = "image", output_dir: str | Path = ".",
+                 source_key: str | None = None, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.source_key = source_key
+        self.output_dir = Path(output_dir)
+
+    def _background(self, d: Mapping[Hashable, object], shape: tuple[int, ...], stem: str) -> np.ndarray | None:
+        if self.source_key is None:
+            return _grey_uint8(torch.as_tensor(d[self.image_key]))
+        image = torch.as_tensor(read_for_display(d[self.source_key])[0])[None]
+        if tuple(image.shape[1:]) != shape:  # the file changed since, or the overlay is listed before the inversion
+            logger.warning("%s: no overlay, the map's grid %s is not the image's %s", stem, shape,
+                           tuple(image.shape[1:]))
+            return None
+        return _grey_uint8(image)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from PIL import Image
+
+
+        d = dict(data)
+        stem = str(d[NAME]).removesuffix(".nii.gz")
+        target = self.output_dir / f"{stem}_overlay.png"
+        if d.get(ERROR):  # a case that fails now must not keep an earlier run's overlay
+            _remove_stale(target)
+            return d
+        for key in self.key_iterator(d):
+            # an overlay is a picture of the result, never a reason to lose it: any failure here is logged and
+            # leaves no overlay, while the map and the score are written as ever
+            try:
+                probability = torch.as_tensor(d[key])[0].float().nan_to_num(0.0).clamp(0, 1)
+                grey = self._background(d, tuple(probability.shape), stem)
+                if grey is None:
+                    _remove_stale(target)
+                    continue
+                alpha = probability.T.cpu().numpy()[..., None]  # float32 throughout: a large radiograph stays cheap
+                picture = (1 - alpha) * (grey[..., None] / np.float32(255)) + alpha * _heat(alpha[..., 0])
+                pixels = (picture * 255).round().astype(np.uint8)
+                write_atomically(target, lambda tmp, rgb=pixels: Image.fromarray(rgb).save(tmp, format="PNG"))
+            except Exception as err:  # noqa: BLE001 - see above
+                logger.warning("%s: no overlay (%s: %s)", stem, type(err).__name__, err)
+                _remove_stale(target)
         return d

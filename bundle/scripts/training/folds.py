@@ -20,9 +20,10 @@ import torch
 
 from scripts import MONAI_CONFIG_NOTICE_FILTER
 from scripts.calibration import calibrate_training_run
-from scripts.data import CrossValidationSplit, model_folds
-from scripts.ensemble import load_weights
-from scripts.files import save_json
+from scripts.cli import describe_error
+from scripts.data.splits import CrossValidationSplit, model_folds
+from scripts.inference.ensemble import load_weights
+from scripts.io.files import save_json
 from scripts.plans import ensure_plan, load_plan
 
 __all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
@@ -88,7 +89,7 @@ def _relative(scans, dataset_dir) -> list[str]:
 def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
                      network: torch.nn.Module, recipe: dict | None = None, budget=None) -> dict:
     """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder), its best validation
-    result, the ``recipe`` (the training settings) and, from the :class:`scripts.handlers.TimeBudget`
+    result, the ``recipe`` (the training settings) and, from the :class:`scripts.training.handlers.TimeBudget`
     ``budget``, how the run ended (epochs, seconds, what stopped it). The setup the folds share is in the plan
     (``plans.json``). In a DDP run only rank 0 writes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
@@ -219,7 +220,6 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
             try:
                 calibrate_training_run(config_files, _parse_overrides(overrides), bundle_root)
             except Exception as err:  # the folds are trained and kept: only the thresholds are missing
-                from scripts.inference import describe_error
 
                 logger.error("the operating points could not be measured (%s); the models are complete. Measure "
                              "them with 'python -m scripts.calibration --models_dir %s --dataset %s --training_dir "
@@ -247,7 +247,6 @@ def main(argv: list[str] | None = None) -> dict:
                               bundle_root=args.bundle_root, gpus=args.gpus, folds=args.folds,
                               parallel_folds=args.parallel_folds, calibrate=not args.no_calibration)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # one line, before any fold or after all
-        from scripts.inference import describe_error
 
         raise SystemExit(f"training: {describe_error(err)}") from None
     print(json.dumps({k: v for k, v in summary.items() if k != "folds"}, indent=1))

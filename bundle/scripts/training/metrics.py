@@ -16,7 +16,7 @@ from ignite.distributed import all_gather, all_reduce
 from ignite.metrics import Metric
 from sklearn.metrics import average_precision_score
 
-from scripts.postprocessing import sample_score
+from scripts.scores import sample_score
 
 __all__ = [
     "PixelAveragePrecision",

@@ -1,0 +1,1 @@
+"""Training: the fold runner (``python -m scripts.training``), its handlers, losses and metrics."""
