@@ -57,12 +57,12 @@ sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(1, str(REPO))
 
 from scripts.evaluate import count_metrics, float16_bin_counts  # noqa: E402
-from scripts.io.files import save_json  # noqa: E402
+from scripts.io.files import MOOD_DATASETS, save_json  # noqa: E402
 from scripts.scores import sample_score  # noqa: E402
 from tools.demo import run_script  # noqa: E402
 from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, write_toy_dataset  # noqa: E402
 
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 CONVENTIONS = ("mood", "raw")
 HU_LOW, HU_SPAN = -1024.0, 4095.0  # the CT phantom's HU range onto [0, 1] (12-bit CT)
 MR_SCALE, MR_OFFSET = 1000.0, 100.0  # "scanner units" of the [0, 1] brain phantom

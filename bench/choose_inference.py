@@ -35,6 +35,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 from monai.transforms import GaussianSmooth  # noqa: E402
 
 from scripts.inference.ensemble import Ensemble  # noqa: E402
+from scripts.inference.predictor import Predictor  # noqa: E402
 from scripts.io.files import bundle_configs, save_json  # noqa: E402
 from scripts.networks import build_network, make_inferer  # noqa: E402
 from scripts.plans import load_plan  # noqa: E402
@@ -67,10 +68,15 @@ AGGREGATIONS = {
 # how the map is made from the network: the plain sigmoid, or the inference ensemble's test-time flips (the
 # input is a batch of one on the RAS working grid; spatial axis 0 is left-right); each through the plan's inferer
 # (one pass, or sliding windows for patch models whose plan says so), as inference runs it
+def predicted(network, image, inferer, flip_axes=()):
+    """The map of the inference's Predictor for this one fold (with ``flip_axes``: test-time flips)."""
+    return Predictor(Ensemble([network], flip_axes=flip_axes), inferer).predict_map(image)
+
+
 MAPS = {
-    "plain": lambda network, image, inferer: inferer(image, Ensemble([network])),
-    "left-right flip": lambda network, image, inferer: inferer(image, Ensemble([network], flip_axes=(0,))),
-    "flips of all axes": lambda network, image, inferer: inferer(image, Ensemble([network], flip_axes=(0, 1, 2))),
+    "plain": predicted,
+    "left-right flip": lambda network, image, inferer: predicted(network, image, inferer, (0,)),
+    "flips of all axes": lambda network, image, inferer: predicted(network, image, inferer, (0, 1, 2)),
 }
 SMOOTHING = (1.0, 2.0)
 
@@ -131,7 +137,7 @@ def main(argv=None) -> dict:
         other = not plan["sliding_window"]
         other_inferer = make_inferer(plan["patch_size"], other)
         maps_of["plain, in sliding windows" if other else "plain, in one pass"] = (
-            lambda network, image, _: other_inferer(image, Ensemble([network])))
+            lambda network, image, _: predicted(network, image, other_inferer))
     variants = list(maps_of) + [f"plain, smoothed sigma {sigma:g}" for sigma in SMOOTHING]
     smoothers = {f"plain, smoothed sigma {sigma:g}": GaussianSmooth(sigma) for sigma in SMOOTHING}
     scores = {v: {name: [] for name in AGGREGATIONS} for v in variants}

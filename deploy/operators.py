@@ -1,12 +1,11 @@
-"""MONAI Deploy operators that run the bundle's own inference: the preprocessing, the fold ensemble and the MOOD
-writers are the objects the bundle's configs declare (common.yaml + inference.yaml + the dataset overlay; the
-network and the preprocessing follow the models' own plan), parsed once by
-:class:`BundleInference`; the operators only move one case at a time between them.
+"""MONAI Deploy operators around the bundle's Predictor (:class:`scripts.inference.predictor.Predictor`, built from
+the bundle's configs for the models' own plan, once, by :class:`BundleInference`): each operator runs one of its
+steps on one case at a time.
 
     ScanLoaderOperator --case--> EnsembleInferenceOperator --case--> MoodWriterOperator
-    the bundle's `dataset`         its `network` and `inferer`,        `postprocessing_both`: the score
-    (LoadImaged, preprocessing)    as its evaluator runs them          -> OUT/sample/<name>.txt, the map
-                                                                       -> OUT/pixel/<name>
+    Predictor.preprocess          Predictor.infer                     Predictor.postprocess (mode both): the score
+    (reading, preprocessing)      (the fold ensemble, its inferer)    -> OUT/sample/<name>.txt, the map
+                                                                      -> OUT/pixel/<name>
 
 The anomaly map is written by the bundle's own writer, as the bundle writes it (float16 values in a float32 NIfTI by
 default; the SDK's MonaiBundleInferenceOperator would cast image outputs to uint8).
@@ -19,15 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from monai.bundle import ConfigParser
-from monai.data import decollate_batch, list_data_collate
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
-DATASETS = ("brain", "abdom")
 
 
 def find_bundle_root(bundle_root: str | Path | None = None) -> Path:
@@ -62,37 +57,32 @@ def resolve_models(models_path: str | Path, dataset: str | None) -> tuple[Path, 
         if dataset != path.name:
             raise ValueError(f"model folder {str(path)!r} holds {path.name!r} models, not {dataset!r}")
         path = path.parent
+    from scripts.io.files import MOOD_DATASETS  # importable once find_bundle_root put the bundle on the path
+
     dataset = dataset or "brain"
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS} (MOOD_DATASET), got {dataset!r}")
+    if dataset not in MOOD_DATASETS:
+        raise ValueError(f"dataset must be one of {MOOD_DATASETS} (MOOD_DATASET), got {dataset!r}")
     return path, dataset
 
 
 class BundleInference:
-    """The bundle's inference config for one dataset, parsed once: the objects the operators run."""
+    """The bundle's Predictor for one dataset and the cases of the input folder, made once."""
 
     def __init__(self, bundle_root: Path, dataset: str, models_dir: Path, input_dir: Path, output_dir: Path,
                  model_format: str = "pytorch", allow_partial_ensemble: bool = False) -> None:
-        from scripts.io.files import MODEL_SUFFIXES  # importable once the bundle root is known
+        # importable once the bundle root is known
+        from scripts.inference.predictor import Predictor, bundle_config
+        from scripts.io.files import MODEL_SUFFIXES
 
         if model_format not in MODEL_SUFFIXES:
             raise ValueError(f"MOOD_MODEL_FORMAT must be one of {sorted(MODEL_SUFFIXES)}, got {model_format!r}")
-        configs = bundle_root / "configs"
-        self.parser = ConfigParser()
-        self.parser.read_meta(str(configs / "metadata.json"))
-        self.parser.read_config([str(configs / name) for name in ("common.yaml", "inference.yaml", f"{dataset}.yaml")])
-        self.parser.update({"bundle_root": str(bundle_root), "models_dir": str(models_dir),
-                            "dataset_dir": str(input_dir), "output_dir": str(output_dir), "mode": "both",
-                            "pixel_output_dir": str(output_dir / "pixel"),
-                            "sample_output_dir": str(output_dir / "sample"),
-                            "model_format": model_format, "allow_partial_ensemble": allow_partial_ensemble})
-        self.parser.get_parsed_content("initialize")  # the bundle's own start-up (determinism, argument checks)
-        self.cases = self.parser.get_parsed_content("dataset")
-        self.network = self.parser.get_parsed_content("network")
-        self.inferer = self.parser.get_parsed_content("inferer")
-        self.device = self.parser.get_parsed_content("device")
-        self.amp = bool(self.parser.get_parsed_content("amp"))
-        self.writer = self.parser.get_parsed_content("postprocessing")  # both outputs of the one pass
+        config = bundle_config(dataset, models_dir, bundle_root, dataset_dir=str(input_dir),
+                               output_dir=str(output_dir), mode="both", pixel_output_dir=str(output_dir / "pixel"),
+                               sample_output_dir=str(output_dir / "sample"), model_format=model_format,
+                               allow_partial_ensemble=allow_partial_ensemble)
+        config.get_parsed_content("initialize")  # the bundle's own start-up (determinism, argument checks)
+        self.predictor = Predictor.from_config(config)
+        self.cases = config.get_parsed_content("inputs")
 
 
 class ScanLoaderOperator(Operator):
@@ -108,15 +98,16 @@ class ScanLoaderOperator(Operator):
         spec.output("case")
 
     def compute(self, op_input, op_output, context) -> None:
-        case = self.bundle.cases[self.index]
-        case["started"] = time.perf_counter()
+        started = time.perf_counter()
+        case = self.bundle.predictor.preprocess(self.bundle.cases[self.index])
+        case["started"] = started
         self.index += 1
         op_output.emit(case, "case")
 
 
 class EnsembleInferenceOperator(Operator):
-    """Runs the bundle's fold ensemble through its inferer, as the bundle's evaluator does (eval mode, no
-    gradients, autocast when ``amp``), and adds ``pred`` (anomaly probabilities on the working grid)."""
+    """Adds ``pred`` (anomaly probabilities on the working grid) with the Predictor's ensemble; a case whose pass
+    fails becomes a failed case, never an exception."""
 
     def __init__(self, fragment: Fragment, *args, bundle: BundleInference, **kwargs) -> None:
         self.bundle = bundle
@@ -128,26 +119,10 @@ class EnsembleInferenceOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         case = op_input.receive("case")
-        if not case.get("error"):
-            started = case["started"]
-            try:
-                case = self.predict(case)
-            except Exception as err:  # one case's failure never stops the others: the writer names it
-                logger.exception("%s: the ensemble failed", case["name"])
-                case = {**case, "started": started, "error": f"network: {type(err).__name__}: {err}"}
-        op_output.emit(case, "case")
-
-    def predict(self, case: dict) -> dict:
-        bundle = self.bundle
         started = case.pop("started")
-        batch = list_data_collate([case])
-        image = batch["image"].to(bundle.device)
-        with torch.no_grad(), torch.autocast(bundle.device.type, enabled=bundle.amp):
-            pred = bundle.inferer(image, bundle.network)
-        # what the evaluator's postprocessing sees: the batch item merged with its output
-        item = decollate_batch({**batch, "image": image, "pred": pred}, detach=True)[0]
-        item["started"] = started
-        return item
+        case = self.bundle.predictor.infer(case)
+        case["started"] = started
+        op_output.emit(case, "case")
 
 
 class MoodWriterOperator(Operator):
@@ -167,24 +142,15 @@ class MoodWriterOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         case = op_input.receive("case")
+        started = case.pop("started")
         name, index = case["name"], self.done + len(self.failed) + 1
-        try:
-            scored = self.bundle.writer(dict(case))
-        except Exception as err:  # one case's failure never stops the others
-            logger.exception("%s: writing its outputs failed", name)
-            case = {"name": name, "image_path": case["image_path"], "started": case["started"],
-                    "error": case.get("error") or f"{type(err).__name__}: {err}"}
-            try:
-                self.bundle.writer(dict(case))  # the fallback score; no map, and none of an earlier run
-            except Exception:
-                logger.exception("%s: not even the fallback outputs could be written", name)
-            scored = {}
-        if case.get("error"):
+        scored = self.bundle.predictor.postprocess(case)
+        if scored.get("error"):
             self.failed.append(name)
-            print(f"[{index}/{self.total}] {name}: FAILED: {case['error']}", flush=True)
+            print(f"[{index}/{self.total}] {name}: FAILED: {scored['error']}", flush=True)
         else:
             self.done += 1
-            print(f"[{index}/{self.total}] {name}: {time.perf_counter() - case['started']:.1f} s "
+            print(f"[{index}/{self.total}] {name}: {time.perf_counter() - started:.1f} s "
                   f"score {scored['score']:.4f}", flush=True)
         if index == self.total:
             print(f"summary: {self.done} done, {len(self.failed)} failed"

@@ -3,9 +3,9 @@
 #
 #   run_mood.sh pixel|sample|both brain|abdom input_folder output_folder
 #
-# Runs the bundle's inference workflow on every scan of input_folder and writes its predictions into
-# output_folder (pixel: the <name> NIfTI map, sample: the <name>.txt score, both: both from one pass of the
-# ensemble; the MOOD entry points use one task each, as the challenge requires). Works in two layouts:
+# Runs the bundle's inference workflow (python -m scripts.predict) on every scan of input_folder and writes its
+# predictions into output_folder (pixel: the <name> NIfTI map, sample: the <name>.txt score, both: both from one pass
+# of the ensemble; the MOOD entry points use one task each, as the challenge requires). Works in two layouts:
 #   - the image (docker/Dockerfile): scripts in /workspace, bundle in /workspace/bundle, venv in /opt/venv;
 #   - a checkout: scripts in <repo>/docker, bundle in <repo>/bundle, venv in <repo>/.venv (`make setup`).
 # MOOD runs the container --read-only with only the output folder writable (/mnt/pred), so everything the
@@ -79,7 +79,6 @@ elif [[ -f "$here/../bundle/configs/metadata.json" ]]; then    # a checkout: <re
 else
     die "no bundle found next to $here (expected $here/bundle or $here/../bundle)"
 fi
-[[ "$bundle" != *"'"* ]] || die "the bundle path '$bundle' contains a single quote, which --config_file cannot carry"
 for config in common.yaml inference.yaml "$dataset.yaml" metadata.json; do
     [[ -f "$bundle/configs/$config" ]] || die "missing $bundle/configs/$config"
 done
@@ -95,20 +94,17 @@ else
     python=$default_python
 fi
 
-cmd=("$python" -m monai.bundle run
-    --meta_file "$bundle/configs/metadata.json"
-    --bundle_root "$bundle"
-    --config_file "['$bundle/configs/common.yaml','$bundle/configs/inference.yaml','$bundle/configs/$dataset.yaml']"
-    --dataset_dir "$input" --output_dir "$output" --mode "$mode")
-if [[ "${MOOD_WORKLIST:-0}" != 1 ]]; then
-    cmd+=(--worklist "")    # MOOD's files only
+# the bundle's inference workflow as one plain command (bundle/scripts/predict.py)
+cmd=("$python" -m scripts.predict -i "$input" -o "$output" -d "$dataset" --mode "$mode")
+if [[ "${MOOD_WORKLIST:-0}" == 1 ]]; then
+    cmd+=(--worklist)    # also scores.csv; default: MOOD's files only
 fi
 if [[ -n "${MOOD_MODELS_DIR:-}" ]]; then
     [[ -d "$MOOD_MODELS_DIR" ]] || die "MOOD_MODELS_DIR '$MOOD_MODELS_DIR' is not a folder"
-    cmd+=(--models_dir "$(cd "$MOOD_MODELS_DIR" && pwd)")
+    cmd+=(-m "$(cd "$MOOD_MODELS_DIR" && pwd)")
 fi
 if [[ "${MOOD_ALLOW_PARTIAL_ENSEMBLE:-0}" == 1 ]]; then
-    cmd+=(--allow_partial_ensemble true)
+    cmd+=(--allow_partial_ensemble)
 fi
 
 # --- everything the run writes goes into a temporary folder inside the output folder ---

@@ -118,7 +118,7 @@ class Collect(logging.Handler):
 def test_ensembles_of_all_formats_agree_and_stale_or_missing_exports_are_reported(models, tmp_path, monkeypatch):
     models = Path(shutil.copytree(models, tmp_path / "models"))  # this test makes an export stale
     # listen on the module's logger itself: earlier tests may have reconfigured logging (MONAI's logging.conf)
-    inference_logger, warnings = logging.getLogger("scripts.ensemble"), Collect()
+    inference_logger, warnings = logging.getLogger("scripts.inference.ensemble"), Collect()
     monkeypatch.setattr(inference_logger, "disabled", False)
     monkeypatch.setattr(inference_logger, "level", logging.NOTSET)
     inference_logger.addHandler(warnings)

@@ -15,9 +15,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scripts.io.files import MOOD_DATASETS
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "demo_outputs.json"
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 # the demo's set (tools.demo: DEMO_SIZE 128, 6 cases, seed 0), fewer cases to keep CI fast: the toy generator makes
 # each case from its own seed, so these are the demo's first cases
 CASES, SIZE, SEED = 3, 128, 0

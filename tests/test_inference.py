@@ -116,7 +116,7 @@ def test_sample_scores_for_abdomen_with_fingerprint(normal_scans, tmp_path):
     (models / "abdom" / "plans.json").unlink()  # models trained before plans existed
     result = infer("abdom", normal_scans["abdom"], tmp_path / "again", "sample", models, check=False)
     log = result.stderr + result.stdout
-    assert result.returncode != 0 and "no plans.json" in log and "python -m scripts.plans" in log
+    assert result.returncode != 0 and "no plans.json" in log and "python -m scripts.migrate_plans" in log
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Fast NIfTI I/O (scripts.niftiio): ISA-L's gzip behind nibabel writes standard, deterministic gzip files with the
+"""Fast NIfTI I/O (scripts.io.nifti): ISA-L's gzip behind nibabel writes standard, deterministic gzip files with the
 same voxels; the blocked reordering equals torch's permute; the reader gives MONAI's array and metadata; the
 pixel writer's uint16 maps keep MOOD's AP."""
 

@@ -165,10 +165,10 @@ def test_old_models_folder_gets_a_clear_message_and_a_plan_from_its_records(tmp_
         record = {"fold": fold, "spatial_size": [24, 24, 24], "normalisation": "fingerprint",
                   "split": {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}}
         (folder / f"fold_{fold}.json").write_text(json.dumps(record))
-    with pytest.raises(FileNotFoundError, match="no plans.json .*python -m scripts.plans --models_dir"):
+    with pytest.raises(FileNotFoundError, match="no plans.json .*python -m scripts.migrate_plans --models_dir"):
         load_plan(models, "abdom")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
-    subprocess.run([sys.executable, "-m", "scripts.plans", "--models_dir", str(models), "--dataset", "abdom"],
+    subprocess.run([sys.executable, "-m", "scripts.migrate_plans", "--models_dir", str(models), "--dataset", "abdom"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     upgraded = load_plan(models, "abdom")
     for key in ("network", "spatial_size", "normalisation", "sample_score"):

@@ -256,7 +256,7 @@ def test_the_overlay_is_drawn_over_the_source_image_and_never_left_stale(tmp_pat
 
     for broken in ({**item, "pred": torch.zeros(1, 32, 32)}, {**item, "image_path": str(tmp_path / "gone.png")}):
         writer(item)
-        with caplog.at_level(logging.WARNING, logger="scripts.radiographs"):
+        with caplog.at_level(logging.WARNING, logger="scripts.inference.writers"):
             out = writer(broken)
         assert out["pred"] is broken["pred"] and not target.exists() and "a: no overlay" in caplog.text
         caplog.clear()

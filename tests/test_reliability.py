@@ -200,7 +200,7 @@ def test_check_folds_refuses_a_partial_ensemble_and_names_failed_folds(tmp_path,
     (folder / "fold_0.pt").write_bytes(b"")
     (folder / "summary.json").write_text(json.dumps({"failed_folds": [1]}))
     plan = {"split": {"model_folds": [{"fold": 0}, {"fold": 1}]}}
-    with caplog.at_level(logging.WARNING, logger="scripts.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="scripts.inference.ensemble"):
         with pytest.raises(ValueError, match="holds 1 of the 2 fold models its plan trained .fold_1 missing"):
             check_folds([folder / "fold_0.pt"], plan)
         check_folds([folder / "fold_0.pt"], plan, allow_partial=True)
@@ -292,9 +292,9 @@ def test_an_unknown_dataset_name_is_one_line_naming_the_valid_ones(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-ARGPARSE_ENTRY_POINTS = ["scripts.training", "scripts.plans", "scripts.calibration", "scripts.evaluate",
-                         "scripts.export", "tools.demo", "tools.report", "tools.preview", "tools.phantoms",
-                         "tools.toy_data", "tools.hostile_inputs", "tools.xray_phantom"]
+ARGPARSE_ENTRY_POINTS = ["scripts.training.folds", "scripts.migrate_plans", "scripts.predict", "scripts.calibration",
+                         "scripts.evaluate", "scripts.export", "tools.demo", "tools.report", "tools.preview",
+                         "tools.phantoms", "tools.toy_data", "tools.hostile_inputs", "tools.xray_phantom"]
 
 
 @pytest.mark.parametrize("module", ARGPARSE_ENTRY_POINTS)

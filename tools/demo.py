@@ -28,11 +28,12 @@ from collections import deque
 from pathlib import Path
 
 from scripts.evaluate import evaluate
+from scripts.io.files import MOOD_DATASETS
 from tools.report import STYLE, write_report
 from tools.toy_data import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 # the side of the shipped models' training scans (bundle/models/README.md), on which their operating points were
 # measured: the flags at those thresholds hold for scans like them (a 64^3 toy set upsampled to the 128^3 grid
 # scored every case above the 5 % threshold)

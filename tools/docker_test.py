@@ -43,12 +43,12 @@ import nibabel as nib
 import numpy as np
 
 from scripts.evaluate import evaluate
-from scripts.io.files import is_scan
+from scripts.io.files import MOOD_DATASETS, is_scan
 from tools.demo import run_script
 from tools.toy_data import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 MODES = ("pixel", "sample")
 IMAGE = "localhost/mood-anomaly:test"
 BASE_IMAGE = "localhost/mood-base:bookworm"
@@ -57,7 +57,7 @@ TORCH_WHEEL = "torch-2.13.0+cpu-cp311-*.whl"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's; pip in the build trusts what the host trusts
 OTHER_UID = 4321  # the owner of the second output folder: neither root nor the image's user
-# the run into an output folder of another uid: one is enough, the scripts share their writer (scripts.files)
+# the run into an output folder of another uid: one is enough, the scripts share their writer (scripts.io.files)
 OTHER_OWNER_RUNS = (("pixel", "brain"),)
 
 __all__ = ["check_outputs", "container_command", "main", "prediction_name"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from scripts.anomalies import TASK_NEEDS, TASKS, synthesize
+from scripts.io.files import MOOD_DATASETS
 from tools.phantoms import brain_partner, ct_phantom, mni152_brain, zscore
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
     "write_previews",
 ]
 
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 # Fixed grey window for CT: soft tissue, W400 / L40.
 CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)
 # A preview shows the first draw whose label exceeds 0.5 on this fraction of the volume, inside the

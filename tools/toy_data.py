@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from scripts.io.files import MOOD_DATASETS
 from tools.phantoms import _smooth_field, ct_phantom, mni152_tissues
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "write_toy_dataset", "main",
 ]
 
-DATASETS = ("brain", "abdom")
+DATASETS = MOOD_DATASETS
 DEFAULT_SIZE = {"brain": 256, "abdom": 512}
 # field of view in mm: 1 mm voxels at 256 (brain); 0.75 mm at 512, 3 mm at 128 (abdomen, as phantoms.py)
 FOV_MM = {"brain": 256.0, "abdom": 384.0}

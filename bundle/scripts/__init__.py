@@ -1,5 +1,5 @@
 """The bundle's code (MONAI bundle convention: ``configs/`` refer to it as ``scripts``). Importing it makes nibabel
-read and write ``.nii.gz`` through ISA-L (:mod:`scripts.niftiio`; ``MOOD_FAST_GZIP=0`` keeps nibabel's gzip) and
+read and write ``.nii.gz`` through ISA-L (:mod:`scripts.io.nifti`; ``MOOD_FAST_GZIP=0`` keeps nibabel's gzip) and
 silences two known upstream messages by name (:func:`quiet_known_warnings`)."""
 
 import logging

@@ -1,6 +1,6 @@
 """Operating points of a trained ensemble: the sample-score and voxel thresholds at stated false-positive rates on
 normal scans, recorded in the models' plan (``plans.json``, key ``operating_points``) and used by inference to flag
-scans and to measure the volume above the voxel threshold (the worklist, ``scripts.worklist``).
+scans and to measure the volume above the voxel threshold (the worklist, ``scripts.inference.worklist``).
 
 A threshold at rate ``r`` is the smallest of the normal scores above which at most a fraction ``r`` of the normal
 scans (or of the normal scans' foreground voxels) lie: scores strictly above it are flagged. The rates are only as
@@ -37,6 +37,7 @@ import torch
 from scripts.cli import describe_error
 from scripts.inference.ensemble import load_ensemble
 from scripts.inference.operating_points import _score_normals, calibrate, record_operating_points
+from scripts.inference.predictor import Predictor, bundle_config
 from scripts.io.files import bundle_configs
 from scripts.plans import load_plan
 
@@ -68,7 +69,8 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     parser["plan"] = f"$scripts.plans.load_plan({str(models_dir)!r}, {dataset!r})"
     for key in ("spatial_size", "foreground_fraction", "patch_size", "sliding_window", "slice_axis"):
         parser[key] = plan[key]
-    network = load_ensemble(get("network_def"), models_dir, dataset, device, plan=plan)
+    predictor = Predictor(load_ensemble(get("network_def"), models_dir, dataset, device, plan=plan), get("inferer"),
+                          device, get("amp"))
     normalise = get("normalise")
     scans = get("all_scans")
     normals = (normalise(dict(scans[i])) for i in _evenly(range(len(scans)), max_normals))
@@ -82,22 +84,20 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     samples.sort(key=lambda s: s[:2])
     anomalous = itertools.islice((item for item in (s[2][s[3]] for s in samples)
                                   if float(torch.as_tensor(item["label"]).max()) > 0), max_anomalous)
-    record = calibrate(network, get("inferer"), normals, anomalous, plan["sample_score"], device,
-                       get("amp"))
+    record = calibrate(predictor, normals, anomalous, plan["sample_score"])
     return record_operating_points(models_dir, dataset, record,
                                    "synthetic validation of training: the training scans as normals, the validation "
                                    "samples of each fold's held-out tasks as anomalies, scored by the fold ensemble")
 
 
 def _inference_parser(models_dir: str | os.PathLike, dataset: str, bundle_root: str | os.PathLike | None):
-    from monai.bundle import ConfigParser
+    return bundle_config(dataset, models_dir, bundle_root)
 
-    bundle_root = str(bundle_root or Path(__file__).resolve().parents[1])
-    parser = ConfigParser()
-    parser.read_meta(str(Path(bundle_root) / "configs" / "metadata.json"))
-    parser.read_config(bundle_configs(bundle_root, "inference", dataset))
-    parser.update({"bundle_root": bundle_root, "models_dir": str(models_dir)})
-    return parser
+
+def _predictor(parser) -> Predictor:
+    """The Predictor's ensemble of the inference config (no writers: calibration writes only the plan)."""
+    get = parser.get_parsed_content
+    return Predictor(get("network"), get("inferer"), get("device"), get("amp"))
 
 
 def _normals_of_folder(parser, normals_dir: str | os.PathLike, max_normals: int | None) -> tuple[list, Iterable]:
@@ -119,8 +119,7 @@ def calibrate_on_normals(models_dir: str | os.PathLike, dataset: str, normals_di
     parser = _inference_parser(models_dir, dataset, bundle_root)
     get = parser.get_parsed_content
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    record = calibrate(get("network"), get("inferer"), normals, [], get("sample_score_method"), get("device"),
-                       get("amp"))
+    record = calibrate(_predictor(parser), normals, [], get("sample_score_method"))
     return record_operating_points(models_dir, dataset, record,
                                    f"normal scans of {Path(normals_dir).name!r} ({len(inputs)} scans), scored by the "
                                    "fold ensemble; no sensitivities (no anomalies)")
@@ -137,8 +136,7 @@ def check_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: s
     if not recorded:
         raise ValueError(f"the {dataset} models in {str(models_dir)!r} record no operating points to check")
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    scores, tail = _score_normals(get("network"), get("inferer"), normals, get("sample_score_method"),
-                                  get("device"), get("amp"))
+    scores, tail = _score_normals(_predictor(parser), normals, get("sample_score_method"))
     values = np.asarray(scores)
     return {
         "normal_scans": len(scores),

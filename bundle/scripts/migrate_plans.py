@@ -99,3 +99,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     path = ensure_plan(Path(args.models_dir) / args.dataset, plan)
     print(path)
     return path
+
+
+if __name__ == "__main__":
+    main()

@@ -136,3 +136,10 @@ def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module:
     if "network" in plan and plan.get("slice_axis") is not None:
         network = SliceWiseNetwork(network, plan["slice_axis"], plan["foreground_fraction"], slice_batch)
     return network
+
+
+def default_device(local_rank: int | str | None = None) -> torch.device:
+    """The GPU when there is one (``cuda:<local_rank>`` under torchrun), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda" if local_rank is None else f"cuda:{int(local_rank)}")

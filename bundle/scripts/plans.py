@@ -8,7 +8,7 @@ plan is written once before the folds train and read by training and prediction 
 the MONAI Deploy app and the benchmarks build everything from it, so a model trained with other settings (another
 width, another grid) loads without any extra flag.
 
-    python -m scripts.plans --models_dir OLD_RUN/models --dataset brain   # add a plan to models trained before 0.5.0
+    python -m scripts.migrate_plans --models_dir OLD_RUN/models --dataset brain   # models trained before 0.5.0
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
         if any(folder.glob("fold_*.pt")):
             raise FileNotFoundError(
                 f"{str(folder)!r} holds fold models but no {PLAN_FILE} (they were trained before plans existed): "
-                "add one with 'PYTHONPATH=bundle python -m scripts.plans "
+                "add one with 'PYTHONPATH=bundle python -m scripts.migrate_plans "
                 f"--models_dir {models_dir} --dataset {dataset}', or retrain")
         if not folder.is_dir():
             raise FileNotFoundError(f"no trained models for {dataset!r}: {str(folder)!r} does not exist; train with "
@@ -260,3 +260,21 @@ def sample_score_method(aggregation: str = "mean_of_top_fraction", top_fraction:
         method.update(slice_axis=2 if slice_axis is None else int(slice_axis), top_slices=FPI_TOP_SLICES,
                       window_fraction=FPI_WINDOW_FRACTION, polyorder=FPI_POLYORDER)
     return method
+
+
+def network_dims(spatial_size: Sequence[int], slice_axis: int | None) -> int:
+    """The network's spatial dimensions: the grid's, or 2 for a slice-wise model (a 2D network on slices)."""
+    return len(spatial_size) if slice_axis is None else 2
+
+
+def network_filters(base: int, maximum: int, depth: int) -> list[int]:
+    """The filters of each level, doubling from ``base`` up to ``maximum`` (nnU-Net's rule)."""
+    return [min(base * 2**i, maximum) for i in range(depth)]
+
+
+def chosen_sample_score(plan: Mapping, aggregation: str | None = None) -> dict:
+    """The sample score a run uses: the plan's record, or ``aggregation`` with the plan's parameters (a run that
+    overrides it flags nothing: its operating points were measured with the plan's)."""
+    if not aggregation:
+        return dict(plan["sample_score"])
+    return sample_score_method(aggregation, plan["sample_score"]["top_fraction"], plan.get("slice_axis"))

@@ -283,3 +283,13 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
             return index
         other = rng.randint(count - 1)
         return other + 1 if other >= index else other
+
+
+def fingerprint_for(dataset: Sequence[dict], normalisation: str) -> dict | None:
+    """The training data's fingerprint when the normalisation needs it (``fingerprint``), else None."""
+    return compute_fingerprint(dataset) if normalisation == "fingerprint" else None
+
+
+def list_foreign_scans(folder: str | Path | None, count: int) -> list[str] | None:
+    """The first ``count`` scans of another dataset for ``poisson_inter``; None without a folder (the task is off)."""
+    return None if folder is None else list_scans(folder)[:count]

@@ -4,7 +4,6 @@ that measures them is :mod:`scripts.calibration`."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -83,23 +82,19 @@ def _progress(what: str, index: int) -> None:
         logger.info("calibration: scoring %s %d", what, index)
 
 
-def _map(network, inferer, image: torch.Tensor, device, amp: bool) -> torch.Tensor:
+def _map(predictor, image: torch.Tensor) -> torch.Tensor:
     """The ensemble's map of one preprocessed, normalised scan (channel first) on its working grid, (D, H, W)."""
-    batch = torch.as_tensor(image)[None].to(device)
-    autocast = torch.autocast("cuda") if amp and torch.device(device).type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        return inferer(batch, network)[0, 0].float()
+    return predictor.predict_map(torch.as_tensor(image)[None])[0, 0].float()
 
 
-def _score_normals(network, inferer, normals: Iterable[Mapping], method: float | Mapping, device,
-                   amp: bool) -> tuple[list[float], VoxelTail]:
+def _score_normals(predictor, normals: Iterable[Mapping],
+                   method: float | Mapping) -> tuple[list[float], VoxelTail]:
     """The sorted sample scores of ``normals`` (rounded as recorded) and the histogram of their foreground voxels."""
 
-    network.eval()
     scores, tail = [], VoxelTail()
     for index, item in enumerate(normals, 1):
         _progress("normal scan", index)
-        probabilities = _map(network, inferer, item["image"], device, amp)
+        probabilities = _map(predictor, item["image"])
         scores.append(float(sample_score(probabilities, method)))
         foreground = torch.as_tensor(item["foreground"])[0].to(probabilities.device) > 0
         tail.add(probabilities[foreground] if foreground.any() else probabilities)
@@ -108,23 +103,24 @@ def _score_normals(network, inferer, normals: Iterable[Mapping], method: float |
     return sorted(round(s, 6) for s in scores), tail  # as recorded: inference sets thresholds from these
 
 
-def calibrate(network, inferer, normals: Iterable[Mapping], anomalous: Iterable[Mapping], method: float | Mapping,
-              device="cpu", amp: bool = False, fprs: Sequence[float] = DEFAULT_FPRS,
+def calibrate(predictor, normals: Iterable[Mapping], anomalous: Iterable[Mapping], method: float | Mapping,
+              fprs: Sequence[float] = DEFAULT_FPRS,
               voxel_fprs: Sequence[float] = DEFAULT_VOXEL_FPRS) -> dict:
-    """The operating points of ``network`` (the fold ensemble, which returns probabilities) from ``normals``
+    """The operating points of ``predictor`` (:class:`scripts.inference.predictor.Predictor`: its fold ensemble's
+    probabilities, :meth:`~scripts.inference.predictor.Predictor.predict_map`) from ``normals``
     (preprocessed, normalised scans: ``image`` and ``foreground``) and ``anomalous`` (samples with ``image`` and
     their synthetic ``label``; may be empty): the normal scores and the sample thresholds at ``fprs``, the voxel
     thresholds at ``voxel_fprs`` over the normals' foreground voxels, and, with anomalous samples, the fraction of
     them (and of their anomalous voxels, label >= 0.5) above each threshold."""
 
-    normal_scores, tail = _score_normals(network, inferer, normals, method, device, amp)
+    normal_scores, tail = _score_normals(predictor, normals, method)
     sample_thresholds = {str(r): score_threshold(normal_scores, r) for r in fprs}
     voxel_thresholds = {str(r): tail.threshold(r) for r in voxel_fprs}
     anomalous_scores, anomalous_voxels = [], {key: 0 for key in voxel_thresholds}
     voxels_in_anomalies = 0
     for index, item in enumerate(anomalous, 1):
         _progress("anomalous sample", index)
-        probabilities = _map(network, inferer, item["image"], device, amp)
+        probabilities = _map(predictor, item["image"])
         anomalous_scores.append(float(sample_score(probabilities, method)))
         inside = probabilities[torch.as_tensor(item["label"])[0].to(probabilities.device) >= 0.5]
         voxels_in_anomalies += inside.numel()

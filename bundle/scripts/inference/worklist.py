@@ -87,6 +87,11 @@ def _number(value, digits: int) -> str:
     return "" if value is None else f"{float(value):.{digits}f}"
 
 
+def default_path(mode: str, pixel_output_dir: str | Path, sample_output_dir: str | Path) -> str:
+    """Where the worklist goes by default: ``scores.csv`` beside the scores (the maps in pixel mode)."""
+    return str(Path(pixel_output_dir if mode == "pixel" else sample_output_dir) / "scores.csv")
+
+
 class WorklistWriter:
     """Writes ``path`` (``scores.csv``, :data:`WORKLIST_COLUMNS`) after every case, the whole table each time through
     a temporary file, so it is never half-written. ``operating_point`` is

@@ -100,7 +100,7 @@ class WritePixelMapd(MapTransform):
     """Writes ``<output_dir>/<input name>``: the anomaly map as a NIfTI with the input file's shape and affine (MOOD
     pixel task; for a DICOM series (an item with a ``series_uid``) or a 2D image, the shape and affine of the grid
     MONAI loaded it on, which the map carries after the inverse transforms: Columns x Rows (x slices in InstanceNumber
-    order, in RAS, :mod:`scripts.dicomio`)), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the
+    order, in RAS, :mod:`scripts.io.dicom`)), stored as ``dtype`` says (:data:`PIXEL_MAP_DTYPES`): ``float16`` the
     probabilities rounded to float16 in a float32 file, ``uint16`` round(65535 p) with scale slope 1/65535,
     ``float32`` the probabilities themselves. Expects the map already brought back to the input grid; it is put in
     NIfTI's voxel order, cleaned (NaN to 0, clamped to [0, 1]) and rounded on its own device, and copied to the host

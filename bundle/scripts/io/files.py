@@ -10,10 +10,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["MODEL_SUFFIXES", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json", "save_json",
-           "write_atomically"]
+__all__ = ["DATASETS", "MODEL_SUFFIXES", "MOOD_DATASETS", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json",
+           "save_json", "write_atomically"]
 
 SCAN_SUFFIXES = (".nii.gz", ".nii")
+# the datasets the bundle has an overlay for (configs/<dataset>.yaml): MOOD's two volumes, and chest radiographs
+MOOD_DATASETS = ("brain", "abdom")
+DATASETS = (*MOOD_DATASETS, "xray")
 # file suffix of one fold model per ``model_format`` (the exports are made by ``scripts.export`` / ``make export``)
 MODEL_SUFFIXES = {"pytorch": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
 # the process's umask, read once at import (os.umask can only be read by setting it, which is not thread-safe)

@@ -38,10 +38,12 @@ def cache_folder(cache_dir: str | Path, dataset_dir: str | Path) -> str:
     return str(Path(cache_dir) / f"{Path(dataset_dir).name}-{key}")
 
 
-def cached_scans(scans, preprocessing, cache_dir: str | Path, dataset_dir: str | Path):
+def cached_scans(scans, preprocessing, cache_dir: str | Path, dataset_dir: str | Path | None):
     """The preprocessed ``scans`` (paths) as a MONAI PersistentDataset: decoded and resampled once, then read
     back from ``cache_dir``; the key includes the preprocessing, so changing it (e.g. ``spatial_size``)
-    never reuses stale volumes."""
+    never reuses stale volumes. None for ``scans`` None (no foreign scans: ``poisson_inter`` is off)."""
+    if scans is None:
+        return None
     from monai.data import PersistentDataset
     from monai.data.utils import json_hashing
 
