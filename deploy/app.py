@@ -54,8 +54,8 @@ class MoodAnomalyApp(Application):
     def compose(self) -> None:
         context: AppContext = Application.init_app_context(self.argv)
         input_path, output_dir = Path(context.input_path), Path(context.output_path)
+        bundle_root = find_bundle_root(os.environ.get("MOOD_BUNDLE_ROOT"))  # first: it puts `scripts` on the path
         models_dir, dataset = resolve_models(context.model_path, os.environ.get("MOOD_DATASET"))
-        bundle_root = find_bundle_root(os.environ.get("MOOD_BUNDLE_ROOT"))
         input_dir = self._input_folder(input_path)
         bundle = BundleInference(bundle_root, dataset, models_dir, input_dir, output_dir,
                                  os.environ.get("MOOD_MODEL_FORMAT", "pytorch"),
