@@ -86,8 +86,8 @@ class BundleInference:
 
 
 class ScanLoaderOperator(Operator):
-    """Emits one case per call: the bundle's ``dataset`` item (LoadImaged and the overlay's
-    preprocessing and normalisation). An unreadable scan becomes an item with its ``error``, never an exception."""
+    """Emits one case per call: the Predictor's ``preprocess`` of the next input (reading, the overlay's preprocessing
+    and normalisation). An unreadable scan becomes an item with its ``error``, never an exception."""
 
     def __init__(self, fragment: Fragment, *args, bundle: BundleInference, **kwargs) -> None:
         self.bundle = bundle
@@ -98,9 +98,8 @@ class ScanLoaderOperator(Operator):
         spec.output("case")
 
     def compute(self, op_input, op_output, context) -> None:
-        started = time.perf_counter()
         case = self.bundle.predictor.preprocess(self.bundle.cases[self.index])
-        case["started"] = started
+        case["started"] = time.perf_counter()  # after reading, as the progress lines have always counted
         self.index += 1
         op_output.emit(case, "case")
 

@@ -98,3 +98,8 @@ def test_predict_case_of_an_unreadable_scan_is_a_failed_case_with_the_fallback_s
                                  worklist="").predict_case(bad)
     assert "bad.nii.gz" == case["name"] and case["error"]
     assert (out / "bad.nii.gz.txt").read_text().strip() == "1.000000" and not (out / "bad.nii.gz").exists()
+    image = tmp_path / "a.png"  # a 2D image or a DICOM series is an item of Predictor.inputs, not a bare path
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match="a.png.*must be a NIfTI file"):
+        Predictor.from_bundle("brain", default_models, output_dir=str(out), mode="both").predict_case(image)
+    assert not (out / "a.png.txt").exists()

@@ -57,7 +57,6 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     scored by the run's fold ensemble."""
     from monai.bundle import ConfigParser
 
-
     parser = ConfigParser()
     parser.read_meta(str(Path(bundle_root) / "configs" / "metadata.json"))
     parser.read_config(list(config_files))
@@ -211,7 +210,6 @@ def main(argv: Sequence[str] | None = None) -> Path | dict:
         else:
             path = calibrate_on_normals(args.models_dir, args.dataset, args.normals_dir, max_normals=args.max_normals)
     except (ValueError, FileNotFoundError, OSError) as err:
-
         raise SystemExit(f"calibration: {describe_error(err)}") from None
     print(path)
     return path

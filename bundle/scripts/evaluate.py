@@ -25,7 +25,7 @@ refuses the whole evaluation; the number of NaN voxels (or NaN scores) is report
 
 Memory: one case at a time, never all voxels. Float16 values in [0, 1] have at most 0x3C01 distinct bit
 patterns, monotone in value (-0.0 is merged into 0.0), so positive and negative voxels are counted per bit
-pattern and AP and AUROC are computed exactly from those counts (:func:`scripts.metrics.
+pattern and AP and AUROC are computed exactly from those counts (:func:`scripts.training.metrics.
 average_precision_from_counts`, :func:`auroc_from_counts`), equal to sklearn on the concatenated voxels.
 
 Output: a JSON (default ``PRED/evaluation_<mode>.json``) with ``average_precision``, ``auroc``, counts,

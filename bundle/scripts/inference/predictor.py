@@ -30,7 +30,7 @@ from monai.data import decollate_batch, list_data_collate
 from scripts.cli import describe_error
 from scripts.inference.engine import AnomalyInferenceEngine, PrefetchingDataLoader, RobustDataset
 from scripts.io.cases import DEFAULT_MAX_VOXELS, list_inputs
-from scripts.io.files import bundle_configs
+from scripts.io.files import bundle_configs, is_scan
 from scripts.io.keys import ERROR, NAME, PATH, _identity
 
 logger = logging.getLogger(__name__)
@@ -91,10 +91,14 @@ class Predictor:
             return self.inferer(torch.as_tensor(image).to(self.device), self.network)
 
     def preprocess(self, item: Mapping | str | os.PathLike) -> dict:
-        """The preprocessed case of an input item (or a scan's path): never raises; a case that cannot be read gets
-        its ``error`` (:class:`scripts.inference.engine.RobustDataset`)."""
+        """The preprocessed case of an input item (:attr:`inputs`' items) or of a NIfTI file's path: never raises; a
+        case that cannot be read gets its ``error`` (:class:`scripts.inference.engine.RobustDataset`). DICOM series
+        and 2D images are items of :attr:`inputs` (their output names and reading folders are made there)."""
         if not isinstance(item, Mapping):
             path = str(item)
+            if not is_scan(path):
+                raise ValueError(f"{path!r}: a path given to the Predictor must be a NIfTI file (*.nii.gz, *.nii); "
+                                 "pass DICOM series and 2D images as items of Predictor.inputs(folder)")
             item = {NAME: Path(path).name, PATH: path, "image": path, "source": Path(path).name, "series_uid": ""}
         return RobustDataset([item], self.preprocessing, self.max_voxels)[0]
 
@@ -118,12 +122,16 @@ class Predictor:
         try:
             return self.postprocessing(dict(case))
         except Exception as err:
+            logger.error("%s: writing its outputs failed: %s", case.get(NAME), describe_error(err))
             failed = {**_identity(case), ERROR: case.get(ERROR) or describe_error(err)}
-            logger.error("%s: writing its outputs failed: %s", case.get(NAME), failed[ERROR])
+            if case.get(ERROR):  # the outputs of a failed case could not be written: nothing else to try
+                return failed
             try:
                 return self.postprocessing(dict(failed))
             except Exception as again:  # not even the fallback could be written
-                return {**failed, ERROR: f"{failed[ERROR]}; no fallback written either: {describe_error(again)}"}
+                reason = f"{failed[ERROR]}; no fallback written either: {describe_error(again)}"
+                logger.error("%s: %s", case.get(NAME), reason)
+                return {**failed, ERROR: reason}
 
     def predict_case(self, item: Mapping | str | os.PathLike) -> dict:
         """One case from input to outputs: ``pred`` (the map brought back to the input grid, pixel and both modes),

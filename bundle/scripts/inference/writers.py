@@ -221,7 +221,6 @@ class WriteOverlayd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from PIL import Image
 
-
         d = dict(data)
         stem = str(d[NAME]).removesuffix(".nii.gz")
         target = self.output_dir / f"{stem}_overlay.png"
