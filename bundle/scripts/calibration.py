@@ -38,7 +38,7 @@ from scripts.cli import describe_error
 from scripts.inference.ensemble import load_ensemble
 from scripts.inference.operating_points import _score_normals, calibrate, record_operating_points
 from scripts.inference.predictor import Predictor, bundle_config
-from scripts.io.files import bundle_configs
+from scripts.io.files import BUNDLE_ROOT, bundle_configs
 from scripts.plans import load_plan
 
 
@@ -89,10 +89,6 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
                                    "samples of each fold's held-out tasks as anomalies, scored by the fold ensemble")
 
 
-def _inference_parser(models_dir: str | os.PathLike, dataset: str, bundle_root: str | os.PathLike | None):
-    return bundle_config(dataset, models_dir, bundle_root)
-
-
 def _predictor(parser) -> Predictor:
     """The Predictor's ensemble of the inference config (no writers: calibration writes only the plan)."""
     get = parser.get_parsed_content
@@ -115,7 +111,7 @@ def _normals_of_folder(parser, normals_dir: str | os.PathLike, max_normals: int 
 def calibrate_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: str | os.PathLike,
                          bundle_root: str | os.PathLike | None = None, max_normals: int | None = None) -> Path:
     """Record thresholds measured on a folder of normal scans (a team's own), preprocessed as inference does."""
-    parser = _inference_parser(models_dir, dataset, bundle_root)
+    parser = bundle_config(dataset, models_dir, bundle_root)
     get = parser.get_parsed_content
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
     record = calibrate(_predictor(parser), normals, [], get("sample_score_method"))
@@ -129,7 +125,7 @@ def check_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: s
     """How the recorded operating points fare on a folder of normal scans, without changing them: for each recorded
     rate, the fraction of these scans above its sample threshold (and of their foreground voxels above its voxel
     threshold), to compare with the rate the threshold was set for."""
-    parser = _inference_parser(models_dir, dataset, bundle_root)
+    parser = bundle_config(dataset, models_dir, bundle_root)
     get = parser.get_parsed_content
     recorded = get("plan").get("operating_points")
     if not recorded:
@@ -158,7 +154,7 @@ def calibrate_from_training_data(models_dir: str | os.PathLike, dataset: str, tr
     import shutil
     import tempfile
 
-    bundle_root = str(bundle_root or Path(__file__).resolve().parents[1])
+    bundle_root = str(bundle_root or BUNDLE_ROOT)
     models_dir = Path(models_dir).resolve()
     if not (models_dir / dataset / "plans.json").is_file():
         raise FileNotFoundError(f"no plans.json in {str(models_dir / dataset)!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from scripts.data.splits import NUM_FOLDS, assign_folds, cross_validation_split, model_folds
-from scripts.io.files import bundle_configs, load_json, save_json
+from scripts.io.files import BUNDLE_ROOT, bundle_configs, load_json, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def versions() -> dict:
     import monai
     import numpy
 
-    metadata = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+    metadata = BUNDLE_ROOT / "configs" / "metadata.json"
     bundle = json.loads(metadata.read_text()).get("version") if metadata.is_file() else None
     return {"bundle": bundle, "monai": monai.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
@@ -225,7 +225,7 @@ def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fin
     from monai.bundle import ConfigParser
 
 
-    bundle_root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[1]
+    bundle_root = Path(bundle_root) if bundle_root is not None else BUNDLE_ROOT
     parser = ConfigParser()
     parser.read_config(bundle_configs(bundle_root, "train", dataset))
     parser.update(overrides)

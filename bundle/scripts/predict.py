@@ -20,8 +20,7 @@ from pathlib import Path
 import monai.bundle
 
 from scripts.inference.engine import MODES
-from scripts.inference.predictor import BUNDLE_ROOT
-from scripts.io.files import DATASETS, MODEL_SUFFIXES, bundle_configs
+from scripts.io.files import BUNDLE_ROOT, DATASETS, MODEL_SUFFIXES, bundle_configs
 
 
 def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -34,7 +33,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "bundle's models)")
     parser.add_argument("--mode", default="both", choices=MODES,
                         help="pixel: the maps; sample: the scores; both: both from one pass (default)")
-    parser.add_argument("--worklist", nargs="?", const="scores.csv", default="",
+    parser.add_argument("--worklist", nargs="?", const=True, default="",
                         help="also write the worklist (default OUT/scores.csv; a path: there)")
     parser.add_argument("--model_format", default="pytorch", choices=sorted(MODEL_SUFFIXES),
                         help="the state dicts (default) or their exports made by `make export`")
@@ -46,7 +45,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> dict:
     """The inference workflow's keys for these arguments."""
     output = str(Path(args.output).absolute())
-    worklist = args.worklist and str(Path(output, args.worklist) if args.worklist == "scores.csv" else args.worklist)
+    worklist = str(Path(output, "scores.csv")) if args.worklist is True else args.worklist
     found = {"dataset_dir": str(Path(args.input).absolute()), "output_dir": output, "mode": args.mode,
              "worklist": worklist, "model_format": args.model_format,
              "allow_partial_ensemble": bool(args.allow_partial_ensemble)}

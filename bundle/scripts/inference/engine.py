@@ -17,7 +17,7 @@ from monai.engines.utils import IterationEvents
 
 from scripts.cli import describe_error
 from scripts.io.cases import DEFAULT_MAX_VOXELS, check_scan, readable_path
-from scripts.io.keys import ERROR, IDENTITY, NAME, PATH, _identity
+from scripts.io.keys import ERROR, IDENTITY, NAME, PATH, identity_of
 from scripts.io.nifti import read_tolerantly
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RobustDataset(torch.utils.data.Dataset):
             out[ERROR] = ""
             return out
         except Exception as err:  # MemoryError included: this case fails, the others go on
-            return {**_identity(item), ERROR: describe_error(err)}
+            return {**identity_of(item), ERROR: describe_error(err)}
 
 
 class PrefetchingDataLoader(DataLoader):

@@ -29,13 +29,11 @@ from monai.data import decollate_batch, list_data_collate
 
 from scripts.cli import describe_error
 from scripts.inference.engine import AnomalyInferenceEngine, PrefetchingDataLoader, RobustDataset
-from scripts.io.cases import DEFAULT_MAX_VOXELS, list_inputs
-from scripts.io.files import bundle_configs, is_scan
-from scripts.io.keys import ERROR, NAME, PATH, _identity
+from scripts.io.cases import DEFAULT_MAX_VOXELS, list_inputs, nifti_item
+from scripts.io.files import BUNDLE_ROOT, bundle_configs, is_scan
+from scripts.io.keys import ERROR, NAME, identity_of
 
 logger = logging.getLogger(__name__)
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Predictor:
@@ -99,7 +97,7 @@ class Predictor:
             if not is_scan(path):
                 raise ValueError(f"{path!r}: a path given to the Predictor must be a NIfTI file (*.nii.gz, *.nii); "
                                  "pass DICOM series and 2D images as items of Predictor.inputs(folder)")
-            item = {NAME: Path(path).name, PATH: path, "image": path, "source": Path(path).name, "series_uid": ""}
+            item = nifti_item(path)
         return RobustDataset([item], self.preprocessing, self.max_voxels)[0]
 
     def infer(self, case: Mapping) -> dict:
@@ -113,8 +111,9 @@ class Predictor:
             pred = self.predict_map(image)
             return decollate_batch({**batch, "image": image, "pred": pred}, detach=True)[0]
         except Exception as err:  # one case's failure never stops the others
-            logger.error("%s: scoring failed: %s", case.get(NAME), describe_error(err))
-            return {**_identity(case), ERROR: describe_error(err)}
+            reason = describe_error(err)
+            logger.error("%s: scoring failed: %s", case.get(NAME), reason)
+            return {**identity_of(case), ERROR: reason}
 
     def postprocess(self, case: Mapping) -> dict:
         """The case's outputs written (:attr:`postprocessing`): the score, the map on the input grid, the worklist
@@ -123,7 +122,7 @@ class Predictor:
             return self.postprocessing(dict(case))
         except Exception as err:
             logger.error("%s: writing its outputs failed: %s", case.get(NAME), describe_error(err))
-            failed = {**_identity(case), ERROR: case.get(ERROR) or describe_error(err)}
+            failed = {**identity_of(case), ERROR: case.get(ERROR) or describe_error(err)}
             if case.get(ERROR):  # the outputs of a failed case could not be written: nothing else to try
                 return failed
             try:

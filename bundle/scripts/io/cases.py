@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_VOXELS = 2**28
 
 
+def nifti_item(path: str | os.PathLike) -> dict:
+    """The case item of one NIfTI file: named by the file, read from it (:func:`list_inputs`)."""
+    path = Path(path)
+    return {NAME: path.name, PATH: str(path), "image": str(path), SOURCE: path.name, SERIES_UID: ""}
+
+
 def list_inputs(input_dir: str | Path) -> list[dict]:
     """One item per NIfTI file in ``input_dir``, sorted by name, then one per DICOM series in it or in its
     subfolders (searched recursively), in the order of :func:`scripts.io.dicom.find_series`. Each item has ``name``
@@ -55,7 +61,7 @@ def list_inputs(input_dir: str | Path) -> list[dict]:
                     if path.suffix.lower() in (".hdr", ".img") else "")
             logger.warning("skipping %r: not a NIfTI file (*.nii.gz, *.nii)%s", path.name, hint)
             continue
-        items.append({NAME: path.name, PATH: str(path), "image": str(path), SOURCE: path.name, SERIES_UID: ""})
+        items.append(nifti_item(path))
     series = dicomio.find_series(folder, dicom_files, subfolders) if dicom_files or subfolders else []
     for found, name in zip(series, dicomio.series_names(series, [item[NAME] for item in items])):
         path = _series_folder(found.files)

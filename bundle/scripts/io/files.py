@@ -10,9 +10,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["DATASETS", "MODEL_SUFFIXES", "MOOD_DATASETS", "SCAN_SUFFIXES", "bundle_configs", "is_scan", "load_json",
-           "save_json", "write_atomically"]
+__all__ = ["BUNDLE_ROOT", "DATASETS", "MODEL_SUFFIXES", "MOOD_DATASETS", "SCAN_SUFFIXES", "bundle_configs", "is_scan",
+           "load_json", "save_json", "write_atomically"]
 
+# the bundle folder (configs/, models/, scripts/): where the bundle's own configs, metadata and models are found
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # the datasets the bundle has an overlay for (configs/<dataset>.yaml): MOOD's two volumes, and chest radiographs
 MOOD_DATASETS = ("brain", "abdom")

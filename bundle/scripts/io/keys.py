@@ -16,7 +16,7 @@ SOURCE, SERIES_UID = "source", "series_uid"
 IDENTITY = (NAME, PATH, SOURCE, SERIES_UID)
 
 
-def _identity(item: Mapping) -> dict:
+def identity_of(item: Mapping) -> dict:
     """What a failed case keeps of its item: :data:`IDENTITY`, the missing ones empty (an item of a caller that
     gives only ``name`` and ``image_path``)."""
     return {key: item.get(key, "") for key in IDENTITY}
