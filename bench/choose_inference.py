@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         overrides["foreign_dir"] = args.foreign_dir
     parser.update(overrides)
     if args.all_scans:
-        parser["validate#dataset#scans"] = "@all_scans"
+        parser["validate#dataset#scans"] = "@preprocessed_scans"
         parser["validate#dataset#max_samples"] = None
     dataset = parser.get_parsed_content("validate#dataset")
     network = build_network(plan)

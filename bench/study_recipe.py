@@ -42,8 +42,9 @@ import bench_quality  # noqa: E402
 from scripts.io.files import save_json  # noqa: E402
 from tools.toy_data import DATASETS, write_toy_dataset  # noqa: E402
 
-# one knob each against the defaults of train.yaml (when the study of bundle/docs/README.md ran: MSE; BCE won
-# and is the default since, so `mse` is now the other side of that comparison)
+# one knob each against the defaults of train.yaml (when the study of
+# bundle/docs/experiments/2026-12-01-recipe-equal-budget.md ran: MSE; BCE won and is the default since, so `mse` is
+# now the other side of that comparison)
 SETTINGS = {
     "baseline": [],
     "tasks_2": ["--num_train_tasks", "2"],

@@ -6,7 +6,7 @@ large claims are headers only.
     PYTHONPATH=bundle:. python -m tools.hostile_inputs --output_dir DIR [--size 32]
 
 Writes the files into DIR and prints the table (name -> kind, outcome) as JSON; the tests run the MOOD run
-scripts on it (tests/test_reliability.py) and the model card lists the table.
+scripts on it (tests/test_reliability.py); the model card names it ("How to infer").
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ from scripts.inference.ensemble import load_ensemble
 from scripts.inference.operating_points import _score_normals, calibrate, record_operating_points
 from scripts.inference.predictor import Predictor, bundle_config
 from scripts.io.files import BUNDLE_ROOT, bundle_configs
-from scripts.plans import load_plan
 
 
 def _evenly(items: Sequence, count: int | None) -> list:
@@ -60,18 +59,16 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     parser = ConfigParser()
     parser.read_meta(str(Path(bundle_root) / "configs" / "metadata.json"))
     parser.read_config(list(config_files))
-    parser.update({"bundle_root": bundle_root, **overrides})
+    # the models' own plan instead of the plan step's: every setup value of the config reads it
+    parser.update({"bundle_root": bundle_root, **overrides,
+                   "plan": "$scripts.plans.load_plan(@models_dir, @dataset_name)"})
     get = parser.get_parsed_content
-    dataset, device, models_dir = get("dataset_name"), get("device"), Path(get("model_dir")).parent
-    plan = load_plan(models_dir, dataset)
-    # what the models were trained with, from their plan: the grid, foreground, normalisation and network
-    parser["plan"] = f"$scripts.plans.load_plan({str(models_dir)!r}, {dataset!r})"
-    for key in ("spatial_size", "foreground_fraction", "patch_size", "sliding_window", "slice_axis"):
-        parser[key] = plan[key]
+    dataset, models_dir, plan = get("dataset_name"), Path(get("models_dir")), get("plan")
+    device = get("device")
     predictor = Predictor(load_ensemble(get("network_def"), models_dir, dataset, device, plan=plan), get("inferer"),
                           device, get("amp"))
     normalise = get("normalise")
-    scans = get("all_scans")
+    scans = get("preprocessed_scans")
     normals = (normalise(dict(scans[i])) for i in _evenly(range(len(scans)), max_normals))
     samples = []
     for fold in range(len(plan["split"]["model_folds"])):
@@ -87,12 +84,6 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
     return record_operating_points(models_dir, dataset, record,
                                    "synthetic validation of training: the training scans as normals, the validation "
                                    "samples of each fold's held-out tasks as anomalies, scored by the fold ensemble")
-
-
-def _predictor(parser) -> Predictor:
-    """The Predictor's ensemble of the inference config (no writers: calibration writes only the plan)."""
-    get = parser.get_parsed_content
-    return Predictor(get("network"), get("inferer"), get("device"), get("amp"))
 
 
 def _normals_of_folder(parser, normals_dir: str | os.PathLike, max_normals: int | None) -> tuple[list, Iterable]:
@@ -114,7 +105,7 @@ def calibrate_on_normals(models_dir: str | os.PathLike, dataset: str, normals_di
     parser = bundle_config(dataset, models_dir, bundle_root)
     get = parser.get_parsed_content
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    record = calibrate(_predictor(parser), normals, [], get("sample_score_method"))
+    record = calibrate(Predictor.for_maps(parser), normals, [], get("sample_score_method"))
     return record_operating_points(models_dir, dataset, record,
                                    f"normal scans of {Path(normals_dir).name!r} ({len(inputs)} scans), scored by the "
                                    "fold ensemble; no sensitivities (no anomalies)")
@@ -131,7 +122,7 @@ def check_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: s
     if not recorded:
         raise ValueError(f"the {dataset} models in {str(models_dir)!r} record no operating points to check")
     inputs, normals = _normals_of_folder(parser, normals_dir, max_normals)
-    scores, tail = _score_normals(_predictor(parser), normals, get("sample_score_method"))
+    scores, tail = _score_normals(Predictor.for_maps(parser), normals, get("sample_score_method"))
     values = np.asarray(scores)
     return {
         "normal_scans": len(scores),

@@ -50,6 +50,16 @@ def show_usage(requested: bool, usage: str) -> None:
         sys.exit(0)
 
 
+def start(requested_help: bool, usage: str, exit_on_sigterm: bool = False) -> None:
+    """The first step of every workflow's ``initialize``: one-line errors (:func:`one_line_errors`), ``--help``
+    (:func:`show_usage`) and, for runs that write results a stop must not leave half-written,
+    :func:`exit_cleanly_on_sigterm`."""
+    one_line_errors()
+    show_usage(requested_help, usage)
+    if exit_on_sigterm:
+        exit_cleanly_on_sigterm()
+
+
 def exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler's stop, MOOD's time limit) into SystemExit, so the writers remove their
     half-written temporary file instead of leaving it behind."""

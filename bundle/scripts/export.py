@@ -11,7 +11,9 @@ command-line forms do::
 
 then runs the state dict and both exports on the same probe volume at the models' working grid and records the
 largest absolute difference of the anomaly maps (the sigmoid of the logits, what inference averages) and of the
-logits in ``models_dir/<dataset>/export.json``. A map difference above the tolerance (1e-4) is an error.
+logits in ``models_dir/<dataset>/export.json``; and the ensemble's map of the probe as inference makes it (the
+inference config's Predictor, ``--model_format`` each format, on the CPU) against the state dicts'. A map
+difference above the tolerance (1e-4) is an error.
 Inference uses the exports with ``--model_format torchscript`` or ``onnx``.
 
 Slice-wise models (a plan with ``slice_axis``): the export is the 2D network alone (``network_2d_def``, its state dict
@@ -38,6 +40,7 @@ from monai.bundle import ckpt_export, onnx_export
 from scipy import ndimage as ndi
 
 from scripts.inference.ensemble import load_fold, model_files
+from scripts.inference.predictor import Predictor, bundle_config
 from scripts.io.files import MODEL_SUFFIXES, bundle_configs, save_json
 from scripts.networks import build_network
 from scripts.plans import load_plan
@@ -111,6 +114,18 @@ def _run_export(fmt: str, path: Path, x: torch.Tensor, network_def: torch.nn.Mod
         return load_fold(network_def, path, fmt).eval()(x)  # as inference loads it
 
 
+def _ensemble_differences(models_dir: str | Path, dataset: str, formats: Sequence[str], bundle_root: str | Path,
+                          x: torch.Tensor) -> dict[str, float]:
+    """The largest difference between the ensemble's map of ``x`` from each format's files and from the state
+    dicts, each made by the inference config's Predictor (``model_format``) on the CPU."""
+    maps = {}
+    for fmt in ("pytorch", *formats):
+        parser = bundle_config(dataset, models_dir, bundle_root, model_format=fmt, device="$torch.device('cpu')",
+                               amp=False)
+        maps[fmt] = Predictor.for_maps(parser).predict_map(x)
+    return {fmt: float((maps[fmt] - maps["pytorch"]).abs().max()) for fmt in formats}
+
+
 def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] = EXPORT_FORMATS,
                    bundle_root: str | Path = "bundle", tolerance: float = TOLERANCE) -> dict:
     """Export every fold of ``models_dir/<dataset>`` and compare each export's anomaly map with its state dict's
@@ -140,7 +155,9 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
         record["folds"][state_dict.stem] = fold
         logger.info("%s/%s exported in %.1f s: %s", dataset, state_dict.stem, time.perf_counter() - t0,
                     {fmt: f"{v['max_abs_diff']:.2e}" for fmt, v in fold.items()})
-    record["max_abs_diff"] = {fmt: max(f[fmt]["max_abs_diff"] for f in record["folds"].values()) for fmt in formats}
+    record["ensemble_max_abs_diff"] = _ensemble_differences(models_dir, dataset, formats, bundle_root, x)
+    record["max_abs_diff"] = {fmt: max([f[fmt]["max_abs_diff"] for f in record["folds"].values()]
+                                       + [record["ensemble_max_abs_diff"][fmt]]) for fmt in formats}
     save_json(record, Path(models_dir) / dataset / "export.json")
     bad = {fmt: d for fmt, d in record["max_abs_diff"].items() if not d <= tolerance}
     if bad:

@@ -102,6 +102,12 @@ def make_inferer(patch_size: Sequence[int] | None, sliding_window: bool = False,
                                 mode="gaussian")
 
 
+def inferer_for(plan: Mapping, sliding_window: bool | None = None) -> Inferer:
+    """:func:`make_inferer` as the ``plan`` says, or in sliding windows as a run asks (``sliding_window`` True or
+    False; None: the plan's)."""
+    return make_inferer(plan["patch_size"], plan["sliding_window"] if sliding_window is None else sliding_window)
+
+
 def with_output_prior(network: torch.nn.Module, prior: float = 0.01) -> torch.nn.Module:
     """Start the network at a small anomaly probability: set the bias of its last convolution to the
     logit of ``prior`` (the RetinaNet prior initialisation).

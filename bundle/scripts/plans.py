@@ -95,7 +95,8 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         spatial_size: the working grid every scan is resampled to.
         normalisation: ``zscore`` or ``robust`` (each scan's own foreground) or ``fingerprint`` (the training data's
             statistics): :class:`scripts.transforms.NormaliseIntensity`.
-        fingerprint: the statistics of :func:`scripts.data.datasets.compute_fingerprint`; required with ``fingerprint``.
+        fingerprint: the statistics of :func:`scripts.data.datasets.compute_fingerprint`, for ``fingerprint``; None
+            while the data are not read yet (the plan step adds it when it writes the plan: :func:`ensure_plan`).
         foreground_fraction: the foreground threshold of :class:`scripts.transforms.IntensityForegroundd`.
         split: :func:`split_record` of the training data (None when unknown).
         sample_score_fraction: the sample score is the mean of this fraction of the highest voxels of the map.
@@ -110,8 +111,6 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
     """
     if normalisation not in NORMALISATION_MODES:
         raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
-    if normalisation == "fingerprint" and fingerprint is None:
-        raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
     if set(network) != {"name", "args"}:
         raise ValueError(f"network must be {{'name': ..., 'args': {{...}}}}, got keys {sorted(network)}")
     dims = int(network["args"].get("spatial_dims", len(spatial_size)))
@@ -137,13 +136,28 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         "sliding_window": bool(sliding_window) and patch_size is not None,
         "slice_axis": None if slice_axis is None else int(slice_axis),
         "foreground_fraction": float(foreground_fraction),
-        "normalisation": {"mode": normalisation,
-                          "fingerprint": dict(fingerprint) if normalisation == "fingerprint" else None},
+        "normalisation": {"mode": normalisation, "fingerprint": None},
         "split": None if split is None else dict(split),
         "sample_score": sample_score_method(sample_score_aggregation, sample_score_fraction, slice_axis),
         "versions": versions(),
     }
+    if fingerprint is not None:
+        plan = with_fingerprint(plan, fingerprint)
     return json.loads(json.dumps(plan))  # plain JSON types (tuples become lists), as read back from the file
+
+
+def with_fingerprint(plan: Mapping, fingerprint: Mapping | None) -> dict:
+    """``plan`` completed with the training data's intensity ``fingerprint`` where its normalisation uses one (the
+    data-derived part of the plan; the plan's setup comes from the settings alone); an error when it needs one and
+    has none."""
+    plan = dict(plan)
+    normalisation = dict(plan["normalisation"])
+    if normalisation["mode"] == "fingerprint":
+        normalisation["fingerprint"] = dict(fingerprint) if fingerprint is not None else normalisation["fingerprint"]
+        if normalisation["fingerprint"] is None:
+            raise ValueError("normalisation 'fingerprint' needs the training data's fingerprint")
+    plan["normalisation"] = normalisation
+    return plan
 
 
 def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], network: Mapping) -> list[int]:
@@ -163,14 +177,15 @@ def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
     return [key for key in _SETUP_KEYS if a.get(key, _LATER_KEYS.get(key)) != b.get(key, _LATER_KEYS.get(key))]
 
 
-def ensure_plan(model_dir: str | os.PathLike, plan: Mapping) -> Path:
-    """Write ``plan`` to ``model_dir/plans.json`` unless it is there already; a folder that holds another plan is
-    refused with :class:`PlanConflictError` (its folds would not make one ensemble).
+def ensure_plan(ensemble_dir: str | os.PathLike, plan: Mapping, fingerprint: Mapping | None = None) -> Path:
+    """The plan step's write: ``plan`` (completed with the data's ``fingerprint``, :func:`with_fingerprint`) to
+    ``ensemble_dir/plans.json`` unless it is there already; a folder that holds another plan is refused with
+    :class:`PlanConflictError` (its folds would not make one ensemble).
 
     Safe when several processes (the folds, the ranks of a DDP run) call it at once: the file is created whole and
     only once (a hard link of a finished temporary file), and everyone else compares with it."""
-    path = Path(model_dir) / PLAN_FILE
-    plan = json.loads(json.dumps(plan))
+    path = Path(ensemble_dir) / PLAN_FILE
+    plan = json.loads(json.dumps(with_fingerprint(plan, fingerprint)))
     try:
         save_json(plan, path, replace=False)
         logger.info("wrote the plan of the %s models: %s", plan.get("dataset"), path)
@@ -213,6 +228,10 @@ def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
     missing = [k for k in _SETUP_KEYS if k not in plan]
     if missing:
         raise ValueError(f"{str(path)!r} lacks {missing}")
+    try:
+        with_fingerprint(plan, None)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
     plan.setdefault("operating_points", None)  # recorded after training (scripts.calibration)
     return plan
 
@@ -220,22 +239,18 @@ def load_plan(models_dir: str | os.PathLike, dataset: str) -> dict:
 def default_plan(dataset: str, bundle_root: str | os.PathLike | None = None, fingerprint: Mapping | None = None,
                  **overrides) -> dict:
     """The plan training would make with its default settings (``train.yaml`` + the dataset overlay, with
-    ``overrides`` of its keys, e.g. ``spatial_size=[32, 32, 32]``), without data: no split, and ``fingerprint``
+    ``overrides`` of its knobs, e.g. ``spatial_size=[32, 32, 32]``), without data: no split, and ``fingerprint``
     as given. For models made outside training (tests, benchmarks)."""
     from monai.bundle import ConfigParser
-
 
     bundle_root = Path(bundle_root) if bundle_root is not None else BUNDLE_ROOT
     parser = ConfigParser()
     parser.read_config(bundle_configs(bundle_root, "train", dataset))
-    parser.update(overrides)
-    get = parser.get_parsed_content
-    mode = get("normalisation")
-    if mode == "fingerprint" and fingerprint is None:
+    parser.update({**overrides, "plan_settings#split": None})
+    plan = make_plan(**parser.get_parsed_content("plan_settings"))  # train.yaml's plan step, its errors as they are
+    if plan["normalisation"]["mode"] == "fingerprint" and fingerprint is None:
         raise ValueError(f"the {dataset!r} models normalise with a fingerprint: pass one")
-    return make_plan(get("dataset_name"), get("network_spec"), get("spatial_size"), mode, fingerprint,
-                     get("foreground_fraction"), None, get("sample_score_fraction"), get("patch_size"),
-                     get("sliding_window"), get("slice_axis"), get("sample_score_aggregation"))
+    return with_fingerprint(plan, fingerprint)
 
 
 # how a map becomes one score per scan (the plan's ``sample_score`` record names one):

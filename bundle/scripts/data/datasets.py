@@ -11,7 +11,7 @@ while the smaller validates (with T = 1, four data folds train and one validates
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -285,9 +285,12 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset, Randomizable):
         return other + 1 if other >= index else other
 
 
-def fingerprint_for(dataset: Sequence[dict], normalisation: str) -> dict | None:
-    """The training data's fingerprint when the normalisation needs it (``fingerprint``), else None."""
-    return compute_fingerprint(dataset) if normalisation == "fingerprint" else None
+def fingerprint_for(dataset: Sequence[dict], normalisation: Mapping) -> dict | None:
+    """The intensity fingerprint a plan's ``normalisation`` record uses: its own when it has one (a plan read from
+    a models folder), else the training data's when its mode needs one (``fingerprint``), else None."""
+    if normalisation.get("fingerprint") is not None:
+        return dict(normalisation["fingerprint"])
+    return compute_fingerprint(dataset) if normalisation["mode"] == "fingerprint" else None
 
 
 def list_foreign_scans(folder: str | Path | None, count: int) -> list[str] | None:

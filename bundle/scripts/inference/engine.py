@@ -7,17 +7,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from monai.data import DataLoader
-from monai.engines import SupervisedEvaluator
+from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 
 from scripts.cli import describe_error
 from scripts.io.cases import DEFAULT_MAX_VOXELS, check_scan, readable_path
-from scripts.io.keys import ERROR, IDENTITY, NAME, PATH, identity_of
+from scripts.io.keys import ERROR, NAME, PATH, identity_of
 from scripts.io.nifti import read_tolerantly
 
 logger = logging.getLogger(__name__)
@@ -110,36 +110,25 @@ class PrefetchingDataLoader(DataLoader):
             yield value
 
 
-class AnomalyInferenceEngine(SupervisedEvaluator):
-    """A SupervisedEvaluator that isolates every case: items that failed to load (``error`` set) go straight to
-    the postprocessing without the network, so the writers log them and write fallbacks; a case whose network
-    pass, inverse transform or writer raises becomes such an item too, and the run goes on with the next."""
+def as_cases(batch: Sequence[dict]) -> list[dict]:
+    """The loader's ``collate_fn``: the cases as they are (the Predictor collates each for its network pass)."""
+    return list(batch)
 
-    def _iteration(self, engine, batchdata):
-        errors = batchdata.get(ERROR) if isinstance(batchdata, Mapping) else None
-        if errors is not None and any(errors):
-            return self._postprocess_failed(engine, batchdata)
-        try:
-            return super()._iteration(engine, batchdata)
-        except Exception as err:
-            reason = describe_error(err)
-            failed = {key: list(batchdata[key]) for key in IDENTITY if key in batchdata}
-            failed[ERROR] = [reason] * len(batchdata[NAME])
-            logger.error("%s: scoring failed: %s", ", ".join(failed[NAME]), reason)
-            try:
-                return self._postprocess_failed(engine, failed)
-            except Exception as again:  # even the fallback cannot be written (e.g. the name is too long)
-                reason = f"{reason}; no fallback written either: {describe_error(again)}"
-                logger.error("%s: %s", ", ".join(failed[NAME]), reason)
-                engine.state.batch = [{**{key: values[i] for key, values in failed.items()}, ERROR: reason}
-                                      for i in range(len(failed[NAME]))]
-                engine.state.output = [{} for _ in failed[NAME]]
-                return engine.state.output
 
-    @staticmethod
-    def _postprocess_failed(engine, batchdata):
-        engine.state.batch = batchdata
-        engine.state.output = {"failed": torch.ones(len(batchdata[ERROR]))}
-        # decollation and postprocessing (the writers) run on this event, as after a forward pass
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+class AnomalyInferenceEngine(Evaluator):
+    """MONAI's Evaluator over the cases of a loader (:func:`as_cases`), each through the ``predictor``'s own steps
+    (:meth:`Predictor.infer <scripts.inference.predictor.Predictor.infer>`, then ``postprocess``), which isolate
+    every case: one that cannot be read, scored or written becomes a failed case (the writers write its fallback)
+    and the run goes on with the next. The handlers (progress lines, worklist) see each iteration's finished cases
+    as ``state.batch`` and ``state.output``; ``FORWARD_COMPLETED`` fires after the network pass."""
+
+    def __init__(self, predictor, val_data_loader, val_handlers: Sequence | None = None) -> None:
+        super().__init__(device=predictor.device, val_data_loader=val_data_loader, val_handlers=val_handlers,
+                         amp=predictor.amp, decollate=False)
+        self.predictor = predictor
+
+    def _iteration(self, engine, batchdata: Sequence[dict]) -> list[dict]:
+        cases = [engine.predictor.infer(case) for case in batchdata]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.batch = engine.state.output = [engine.predictor.postprocess(case) for case in cases]
         return engine.state.output

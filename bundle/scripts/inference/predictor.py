@@ -28,7 +28,7 @@ from monai.bundle import ConfigParser
 from monai.data import decollate_batch, list_data_collate
 
 from scripts.cli import describe_error
-from scripts.inference.engine import AnomalyInferenceEngine, PrefetchingDataLoader, RobustDataset
+from scripts.inference.engine import AnomalyInferenceEngine, PrefetchingDataLoader, RobustDataset, as_cases
 from scripts.io.cases import DEFAULT_MAX_VOXELS, list_inputs, nifti_item
 from scripts.io.files import BUNDLE_ROOT, bundle_configs, is_scan
 from scripts.io.keys import ERROR, NAME, identity_of
@@ -76,6 +76,13 @@ class Predictor:
     def from_config(cls, parser: ConfigParser) -> Predictor:
         """The config's ``predictor`` (what the inference workflow runs)."""
         return parser.get_parsed_content("predictor")
+
+    @classmethod
+    def for_maps(cls, parser: ConfigParser) -> Predictor:
+        """The config's ensemble and inferer alone, without reading or writing files: for the maps of images
+        preprocessed elsewhere (:meth:`predict_map`; calibration, export checks, benchmarks)."""
+        get = parser.get_parsed_content
+        return cls(get("network"), get("inferer"), get("device"), get("amp"))
 
     # ---- the steps of one case -------------------------------------------------------------------------------
 
@@ -149,10 +156,9 @@ class Predictor:
         """The inference engine over ``dataset``: the next case is read in a background thread during this one, a
         case that fails is named and the others go on, and the handlers print the progress lines and write the
         worklist."""
-        loader = PrefetchingDataLoader(dataset, batch_size=1, shuffle=False, num_workers=self.num_workers)
-        return AnomalyInferenceEngine(device=self.device, val_data_loader=loader, network=self.network,
-                                      inferer=self.inferer, postprocessing=self.postprocessing,
-                                      val_handlers=self.handlers, amp=self.amp)
+        loader = PrefetchingDataLoader(dataset, batch_size=1, shuffle=False, num_workers=self.num_workers,
+                                       collate_fn=as_cases)
+        return AnomalyInferenceEngine(self, loader, self.handlers)
 
     def predict_folder(self, inputs: str | os.PathLike | Sequence[Mapping]) -> AnomalyInferenceEngine:
         """Every case of an input folder (or of a list of input items) through :meth:`engine`; returns the engine

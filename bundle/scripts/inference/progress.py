@@ -49,9 +49,9 @@ class ProgressReporter:
     def _network_start(self, engine: Engine) -> None:
         self.network_t0, self.network_seconds = time.perf_counter(), None
         if self.bar is not None:
-            batch = engine.state.batch
-            names = batch.get(NAME) if isinstance(batch, Mapping) else None
-            self.bar.set_postfix_str(", ".join(names) if names else "", refresh=True)
+            batch = engine.state.batch  # the iteration's cases (the inference engine's), or a collated batch
+            names = batch.get(NAME) if isinstance(batch, Mapping) else [c.get(NAME) for c in batch or []]
+            self.bar.set_postfix_str(", ".join(filter(None, names)) if names else "", refresh=True)
 
     def _network_done(self, engine: Engine) -> None:
         device = getattr(engine.state, "device", None)

@@ -152,7 +152,9 @@ class WritePixelMapd(MapTransform):
 class WriteSampleScored(MapTransform):
     """Writes ``<output_dir>/<input name>.txt`` with one float in [0, 1] (MOOD sample task), aggregated from the
     working-grid map by ``method``, the plan's ``sample_score`` record or a top fraction (:func:`sample_score`,
-    the same aggregation as training's validation). A scan that could not be read gets ``fallback_score``."""
+    the same aggregation as training's validation), or the ``score`` that
+    :class:`scripts.inference.worklist.SummariseMapd` put in the case before (the same method, computed once). A
+    scan that could not be read gets ``fallback_score``."""
 
     def __init__(self, keys: str = "pred", output_dir: str | Path = ".", method: float | Mapping = 1e-2,
                  fallback_score: float = 1.0, allow_missing_keys: bool = True) -> None:
@@ -169,6 +171,8 @@ class WriteSampleScored(MapTransform):
             logger.error("%s: could not be read (%s); writing the fallback score %s", d[NAME], d[ERROR],
                          self.fallback_score)
             score = self.fallback_score
+        elif d.get("score") is not None:  # summarised already
+            score = min(max(float(d["score"]), 0.0), 1.0)
         else:
             key = self.first_key(d)
             values = torch.nan_to_num(_plain_tensor(d[key]), nan=0.0)  # on the map's device

@@ -1,5 +1,6 @@
 """DDP helpers for ``multi_gpu_train.yaml`` (one process per GPU with nccl, or several CPU processes with gloo):
-the process group, and what only rank 0 runs."""
+the process group, and what only rank 0 runs. ``train.yaml``'s ``distributed`` (false; true in that overlay) says
+whether a run joins a process group: :func:`start` and :func:`stop` do nothing otherwise."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ def init_process_group() -> None:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPUs), once; on a GPU, use this rank's."""
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def start(distributed: bool, device: torch.device) -> None:
+    """A run's start: join the process group and use this rank's GPU, when ``distributed``."""
+    if distributed:
+        init_process_group()
+        set_cuda_device(device)
+
+
+def stop(distributed: bool) -> None:
+    """A run's end: leave the process group, when ``distributed``."""
+    if distributed:
+        destroy_process_group()
 
 
 def device_ids(device: torch.device) -> list[torch.device] | None:

@@ -24,7 +24,7 @@ from scripts.cli import describe_error
 from scripts.data.splits import CrossValidationSplit, model_folds
 from scripts.inference.ensemble import load_weights
 from scripts.io.files import save_json
-from scripts.plans import ensure_plan, load_plan
+from scripts.plans import load_plan
 
 __all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
 
@@ -88,7 +88,7 @@ def _relative(scans, dataset_dir) -> list[str]:
     return out
 
 
-def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
+def save_fold_result(ensemble_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
                      network: torch.nn.Module, recipe: dict | None = None, budget=None) -> dict:
     """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder), its best validation
     result, the ``recipe`` (the training settings) and, from the :class:`scripts.training.handlers.TimeBudget`
@@ -115,7 +115,7 @@ def save_fold_result(model_dir, fold: int, split: CrossValidationSplit, dataset_
         record["training"] = {"epochs": int(budget.trainer.state.epoch), "seconds": round(budget.elapsed(), 1),
                               "longest_epoch_seconds": round(budget.longest_epoch, 1),
                               "stopped_by": budget.stopped_by}
-    save_json(record, Path(model_dir) / f"fold_{fold}.json")
+    save_json(record, Path(ensemble_dir) / f"fold_{fold}.json")
     return record
 
 
@@ -160,9 +160,8 @@ def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) 
     parser.read_config(config_files)
     parser.update({"bundle_root": bundle_root, **_parse_overrides(overrides)})
     parser.get_parsed_content("initialize")
-    model_dir = Path(parser.get_parsed_content("model_dir"))
-    ensure_plan(model_dir, parser.get_parsed_content("plan"))
-    return str(parser.get_parsed_content("dataset_name")), model_dir
+    parser.get_parsed_content("write_plan")  # train.yaml's plan step
+    return str(parser.get_parsed_content("dataset_name")), Path(parser.get_parsed_content("ensemble_dir"))
 
 
 def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1,
@@ -177,7 +176,7 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
         raise ValueError(f"parallel_folds must be at least 1, got {parallel_folds}")
     overrides = list(overrides or []) + ["--output_dir", output_dir, "--num_train_tasks", str(num_train_tasks)]
     folds = list(range(len(model_folds(num_train_tasks)))) if folds is None else folds
-    dataset, model_dir = write_plan(config_files, overrides, bundle_root)
+    dataset, ensemble_dir = write_plan(config_files, overrides, bundle_root)
     gpus = torch.cuda.device_count() if gpus is None else gpus
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(bundle_root).resolve()), env.get("PYTHONPATH")]))
@@ -198,7 +197,7 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     failed = [fold for fold, code, _ in outcomes if code != 0]
     records = []
     for fold, code, seconds in outcomes:
-        path = model_dir / f"fold_{fold}.json"
+        path = ensemble_dir / f"fold_{fold}.json"
         record = json.loads(path.read_text()) if path.is_file() else {"fold": fold}
         records.append({**record, "exit_code": code, "seconds": round(seconds, 1)})
     finished = [r["best_metric"] for r in records if r.get("exit_code") == 0 and "best_metric" in r]
@@ -209,12 +208,12 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
         "failed_folds": failed,
         "mean_best_metric": sum(finished) / len(finished) if finished else None,
     }
-    save_json(summary, model_dir / "summary.json")
+    save_json(summary, ensemble_dir / "summary.json")
     if failed:
-        raise RuntimeError(f"folds {failed} failed; see the logs above and {model_dir / 'summary.json'}")
+        raise RuntimeError(f"folds {failed} failed; see the logs above and {ensemble_dir / 'summary.json'}")
     if calibrate:
-        missing = [f["fold"] for f in load_plan(model_dir.parent, dataset)["split"]["model_folds"]
-                   if not (model_dir / f"fold_{f['fold']}.pt").is_file()]
+        missing = [f["fold"] for f in load_plan(ensemble_dir.parent, dataset)["split"]["model_folds"]
+                   if not (ensemble_dir / f"fold_{f['fold']}.pt").is_file()]
         if missing:
             logger.warning("no operating points: folds %s of the plan are not trained yet", missing)
         else:
@@ -225,7 +224,7 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
 
                 logger.error("the operating points could not be measured (%s); the models are complete. Measure "
                              "them with 'python -m scripts.calibration --models_dir %s --dataset %s --training_dir "
-                             "<training scans>'", describe_error(err), model_dir.parent, dataset)
+                             "<training scans>'", describe_error(err), ensemble_dir.parent, dataset)
     return summary
 
 
