@@ -37,7 +37,7 @@ from monai.transforms import GaussianSmooth  # noqa: E402
 from scripts.inference.ensemble import Ensemble  # noqa: E402
 from scripts.inference.predictor import Predictor  # noqa: E402
 from scripts.io.files import bundle_configs, save_json  # noqa: E402
-from scripts.networks import build_network, make_inferer  # noqa: E402
+from scripts.networks import build_network, inferer_for  # noqa: E402
 from scripts.plans import load_plan  # noqa: E402
 from scripts.scores import sample_score  # noqa: E402
 from scripts.training.metrics import PixelAveragePrecision  # noqa: E402
@@ -114,8 +114,7 @@ def main(argv=None) -> dict:
     parser = ConfigParser()
     parser.read_config(bundle_configs(REPO / "bundle", "train", args.dataset))
     overrides = {"bundle_root": str(REPO / "bundle"), "dataset_dir": args.dataset_dir, "fold": args.fold,
-                 "num_train_tasks": args.num_train_tasks, "spatial_size": plan["spatial_size"],
-                 "foreground_fraction": plan["foreground_fraction"], "plan": plan,
+                 "num_train_tasks": args.num_train_tasks, "plan": plan,  # the setup: the run's plan
                  "output_dir": args.run_dir, "num_workers": 0}
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
@@ -130,12 +129,12 @@ def main(argv=None) -> dict:
     checkpoint = models_dir / args.dataset / f"fold_{args.fold}.pt"
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     network.eval()
-    inferer = make_inferer(plan["patch_size"], plan["sliding_window"])
+    inferer = inferer_for(plan)
 
     maps_of = dict(MAPS)
     if plan["patch_size"]:  # models trained on patches: also the other way to see a whole scan than their plan's
         other = not plan["sliding_window"]
-        other_inferer = make_inferer(plan["patch_size"], other)
+        other_inferer = inferer_for(plan, other)
         maps_of["plain, in sliding windows" if other else "plain, in one pass"] = (
             lambda network, image, _: predicted(network, image, other_inferer))
     variants = list(maps_of) + [f"plain, smoothed sigma {sigma:g}" for sigma in SMOOTHING]
