@@ -4,7 +4,8 @@ Run from the repository root (``make bench-quality [MODELS=runs/models]``)::
 
     PYTHONPATH=bundle:. .venv/bin/python bench/bench_quality.py [--models_dir bundle/models | --models NAME=DIR ...]
         [--datasets brain abdom] [--size 256] [--cases 20] [--gorilla 6] [--train 10]
-        [--conventions mood raw] [--seed 2026] [--work_dir outputs/bench-quality] [--json PATH]
+        [--conventions mood raw] [--seed 2026] [--variability cohort|phantom] [--work_dir outputs/bench-quality]
+        [--json PATH]
 
 For each dataset it generates, with the toy generator (``tools.toy_data``) and a seed no training run uses:
 
@@ -13,6 +14,11 @@ For each dataset it generates, with the toy generator (``tools.toy_data``) and a
 - ``--gorilla`` plainly abnormal cases (a cube of uniform noise, a constant bright cube, an upside-down block:
   :data:`tools.toy_data.GORILLA_KINDS`), each on a subject of its own;
 - ``--train`` normal scans for the z-score baseline (never scored).
+
+Every subject, normal or not, varies as in a real cohort by default (``--variability cohort``,
+:func:`tools.toy_data.cohort_variation`: rotated, scaled, shifted and warped by a few millimetres, with its own bias
+field or tissue contrasts), so that features that compare a scan voxel by voxel with the normals are not flattered;
+``phantom`` scores the phantoms as they are (the sets of the studies before 0.12.0).
 
 Every case is written in each intensity convention of ``--conventions``: ``mood`` is what the challenge ships,
 [0, 1] (the brain phantom is in [0, 1]; the CT phantom's Hounsfield units are mapped linearly, (HU + 1024) / 4095);
@@ -60,7 +66,7 @@ from scripts.evaluate import count_metrics, float16_bin_counts  # noqa: E402
 from scripts.io.files import MOOD_DATASETS, save_json  # noqa: E402
 from scripts.scores import sample_score  # noqa: E402
 from tools.demo import run_script  # noqa: E402
-from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, write_toy_dataset  # noqa: E402
+from tools.toy_data import ANOMALY_KINDS, GORILLA_KINDS, VARIABILITIES, write_toy_dataset  # noqa: E402
 
 DATASETS = MOOD_DATASETS
 CONVENTIONS = ("mood", "raw")
@@ -176,13 +182,14 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
 
 
 def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
-        conventions, seed: int, rescore: bool = False) -> dict:
+        conventions, seed: int, rescore: bool = False, variability: str = "cohort") -> dict:
     """``models``: name -> models folder (one unnamed ``{"": folder}``, or several named sets), or one folder."""
     if isinstance(models, (str, Path)):
         models = {"": Path(models)}
     result = {"settings": {"models_dir": {name: str(folder) for name, folder in models.items()} if any(models)
                            else str(models[""]), "size": size, "cases": n_cases, "gorilla": n_gorilla,
                            "train": n_train, "conventions": list(conventions), "seed": seed,
+                           "variability": variability,
                            "date": datetime.date.today().isoformat()}, "datasets": {}}
     for dataset in datasets:
         data_dir = work_dir / "data" / dataset
@@ -196,7 +203,7 @@ def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_c
             shutil.rmtree(data_dir)
         started = time.perf_counter()
         written = write_toy_dataset(work_dir / "data", dataset, n_train=n_train, n_toy=n_cases, size=size,
-                                    seed=seed, n_gorilla=n_gorilla)
+                                    seed=seed, n_gorilla=n_gorilla, variability=variability)
         folders = write_conventions(data_dir, dataset, conventions)
         generated = time.perf_counter() - started
         predictions = work_dir / "predictions" / dataset
@@ -261,6 +268,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", type=int, default=10, help="normal scans for the z-score baseline")
     parser.add_argument("--conventions", nargs="+", choices=CONVENTIONS, default=list(CONVENTIONS))
     parser.add_argument("--seed", type=int, default=2026, help="toy seed; the shipped weights were trained on 0")
+    parser.add_argument("--variability", choices=VARIABILITIES, default="cohort",
+                        help="how the subjects differ (tools.toy_data): cohort (real-cohort spread) or phantom")
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-quality")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--from_json", type=Path, default=None, help="print the tables of an earlier run, run nothing")
@@ -277,7 +286,7 @@ def main(argv=None) -> dict:
             parser.error("--models takes NAME=DIR entries, e.g. 3d=runs/models")
         models = {name: Path(folder).resolve() for name, _, folder in pairs}
     result = run(models, args.work_dir.resolve(), args.datasets, args.size, args.cases,
-                 args.gorilla, args.train, args.conventions, args.seed, args.rescore)
+                 args.gorilla, args.train, args.conventions, args.seed, args.rescore, args.variability)
     if args.rescore and args.json.is_file():  # the timings of the run that made the predictions
         earlier = json.loads(args.json.read_text()).get("datasets", {})
         for dataset, entry in result["datasets"].items():

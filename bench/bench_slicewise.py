@@ -42,15 +42,17 @@ sys.path.insert(2, str(REPO))
 import bench_quality  # noqa: E402
 
 from scripts.io.files import load_json, save_json  # noqa: E402
+from tools.toy_data import VARIABILITIES  # noqa: E402
 
 KINDS = {"3d": (), "2d": ("slicewise.yaml",)}  # overlays after the dataset's
 
 
-def write_normals(data_dir: Path, datasets, n_train: int, size: int) -> None:
+def write_normals(data_dir: Path, datasets, n_train: int, size: int, variability: str = "cohort") -> None:
     missing = [d for d in datasets if len(list((data_dir / d / f"{d}_train").glob("*.nii.gz"))) < n_train]
     if missing:
         subprocess.run([sys.executable, "-m", "tools.toy_data", "--output_dir", str(data_dir), "--datasets", *missing,
-                        "--size", str(size), "--train", str(n_train), "--toy", "0", "--seed", "0"], cwd=REPO,
+                        "--size", str(size), "--train", str(n_train), "--toy", "0", "--seed", "0",
+                        "--variability", variability], cwd=REPO,
                        check=True)
 
 
@@ -118,6 +120,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--gorilla", type=int, default=6)
     parser.add_argument("--conventions", nargs="+", choices=bench_quality.CONVENTIONS, default=["mood"])
+    parser.add_argument("--variability", choices=VARIABILITIES, default="cohort",
+                        help="how the toy subjects (normals and scored cases) differ (tools.toy_data)")
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "bench-slicewise")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "slicewise.json")
     parser.add_argument("--skip_training", action="store_true", help="score the models an earlier run trained")
@@ -125,9 +129,10 @@ def main(argv=None) -> dict:
                         "\"--spatial_size [32,32,32] --network_depth 3\" (the tests' tiny models)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir.resolve()
-    data_dir = work_dir / "data"
+    data_dir = work_dir / f"data_{args.variability}"
     (work_dir / "runs").mkdir(parents=True, exist_ok=True)
-    write_normals(data_dir, list(bench_quality.DATASETS), args.train, args.size)  # each the other's foreign set
+    # each dataset's normals are the other's foreign set
+    write_normals(data_dir, list(bench_quality.DATASETS), args.train, args.size, args.variability)
     training = {}
     for dataset in args.datasets:
         foreign = next(d for d in bench_quality.DATASETS if d != dataset)
@@ -143,7 +148,7 @@ def main(argv=None) -> dict:
         quality_json = work_dir / f"quality_{dataset}.json"
         quality[dataset] = bench_quality.main(
             ["--models", *models, "--datasets", dataset, "--size", str(args.size), "--cases", str(args.cases),
-             "--gorilla", str(args.gorilla), "--conventions", *args.conventions,
+             "--gorilla", str(args.gorilla), "--conventions", *args.conventions, "--variability", args.variability,
              "--work_dir", str(work_dir / "quality"), "--json", str(quality_json)])
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "training": training, "quality": quality}

@@ -40,7 +40,7 @@ sys.path.insert(2, str(REPO / "bench"))
 import bench_quality  # noqa: E402
 
 from scripts.io.files import save_json  # noqa: E402
-from tools.toy_data import DATASETS, write_toy_dataset  # noqa: E402
+from tools.toy_data import DATASETS, VARIABILITIES, write_toy_dataset  # noqa: E402
 
 # one knob each against the defaults of train.yaml (when the study of
 # bundle/docs/experiments/2026-12-01-recipe-equal-budget.md ran: MSE; BCE won and is the default since, so `mse` is
@@ -109,11 +109,11 @@ def train_setting(dataset: str, setting: str, data_dir: Path, work_dir: Path, si
     return {"fold": record, "best": best_validation(run_dir, record)}
 
 
-def check_setting(dataset: str, models_dir: Path, work_dir: Path, size: int) -> dict:
+def check_setting(dataset: str, models_dir: Path, work_dir: Path, size: int, variability: str = "cohort") -> dict:
     """bench_quality on the held-out toy kinds and gorilla set at the study's size, one fold."""
     os.environ["MOOD_ALLOW_PARTIAL_ENSEMBLE"] = "1"
     result = bench_quality.run(models_dir, work_dir, [dataset], size, n_cases=10, n_gorilla=4, n_train=6,
-                               conventions=["mood"], seed=2026)
+                               conventions=["mood"], seed=2026, variability=variability)
     methods = result["datasets"][dataset]["methods"]
     return {method: {group: {k: scored[group][k] for k in ("pixel_ap", "sample_ap")}
                      for group in ("toy", "gorilla")} for method, scored in methods.items()}
@@ -150,6 +150,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--val_interval", type=int, default=2, help="validate every N epochs")
     parser.add_argument("--train", type=int, default=20, help="toy normals per dataset (seed 0)")
     parser.add_argument("--no_check", action="store_true", help="synthetic validation only")
+    parser.add_argument("--variability", choices=VARIABILITIES, default="cohort",
+                        help="how the toy subjects (normals and checked cases) differ (tools.toy_data)")
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "recipe-study")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "recipe_study.json")
     parser.add_argument("--from_json", type=Path, default=None, help="print the table of an earlier study")
@@ -159,15 +161,16 @@ def main(argv=None) -> dict:
         print(table(study))
         return study
     data_size = args.data_size or args.size
-    data_dir = args.work_dir.resolve() / f"data_{data_size}cubed"
+    data_dir = args.work_dir.resolve() / f"data_{data_size}cubed_{args.variability}"
     # the runs of this budget and these sizes
     work_dir = args.work_dir.resolve() / (f"{args.size}cubed_{args.budget:g}min" if data_size == args.size
                                           else f"{data_size}data_{args.size}cubed_{args.budget:g}min")
     for dataset in DATASETS:  # both: each is the other's foreign scans (poisson_inter)
         if not (data_dir / dataset / f"{dataset}_train").is_dir():
-            write_toy_dataset(data_dir, dataset, n_train=args.train, n_toy=0, size=data_size, seed=0)
+            write_toy_dataset(data_dir, dataset, n_train=args.train, n_toy=0, size=data_size, seed=0,
+                              variability=args.variability)
     settings = {"budget": args.budget, "size": args.size, "data_size": data_size, "val_interval": args.val_interval,
-                "train": args.train, "fold": 0}
+                "train": args.train, "fold": 0, "variability": args.variability}
     study = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if {**settings, **study.get("settings", {})} != settings:  # another study's file: start afresh
         study = {}
@@ -185,7 +188,7 @@ def main(argv=None) -> dict:
                                              work_dir / "cache", data_size, args.val_interval)}
             if not args.no_check:
                 entry["check"] = check_setting(dataset, work_dir / dataset / setting / "models",
-                                               work_dir / "check" / dataset / setting, data_size)
+                                               work_dir / "check" / dataset / setting, data_size, args.variability)
             study["datasets"].setdefault(dataset, {})[setting] = entry
             args.json.parent.mkdir(parents=True, exist_ok=True)
             save_json(study, args.json)  # after every setting: an interrupted study keeps what it has

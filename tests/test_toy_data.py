@@ -162,3 +162,64 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "abdom" / "toy_label" / "sample" / "toy_1.nii.gz.txt").is_file()
     assert not (tmp_path / "brain").exists()
     assert "abdom" in capsys.readouterr().out
+
+
+def _zscore_ap(dataset: str, variability: str) -> float:
+    """The pixel AP (all voxels of 6 toy cases pooled, as MOOD pools them) of bench-quality's z-score baseline,
+    ``|x - mean| / (std + 0.01)`` voxel by voxel against 4 training normals, in MOOD's [0, 1] convention."""
+    from sklearn.metrics import average_precision_score
+
+    def mood(volume):
+        volume = volume.astype(np.float32)
+        return volume if dataset == "brain" else (volume + 1024.0) / 4095.0
+
+    train = np.stack([mood(normal_scan(dataset, 48, s, variability)[0]) for s in range(4)])
+    mean, std = train.mean(0), train.std(0)
+    scores, labels = [], []
+    for index in range(6):
+        _, anomalous, mask, _ = toy_case(dataset, index, 48, seed=5, variability=variability)
+        scores.append((np.abs(mood(anomalous) - mean) / (std + 0.01)).ravel())
+        labels.append(mask.ravel())
+    return float(average_precision_score(np.concatenate(labels), np.concatenate(scores)))
+
+
+@pytest.mark.parametrize("dataset", ["brain", "abdom"])
+def test_cohort_subjects_vary_as_a_real_cohort_and_stay_in_range(dataset):
+    phantom, phantom_fg = normal_scan(dataset, 32, 7)
+    varied, varied_fg = normal_scan(dataset, 32, 7, variability="cohort")
+    again, _ = normal_scan(dataset, 32, 7, variability="cohort")
+    assert np.array_equal(varied, again)  # deterministic in the subject
+    assert varied.dtype == phantom.dtype and varied.shape == phantom.shape
+    if dataset == "brain":
+        assert 0.0 <= varied.min() and varied.max() <= 1.0 and (varied[~varied_fg] == 0).all()
+    else:
+        assert -1000 <= varied.min() and varied.max() <= 1650 and (varied[~varied_fg] == -1000).all()
+    dice = 2 * (phantom_fg & varied_fg).sum() / (phantom_fg.sum() + varied_fg.sum())
+    assert 0.6 < dice < 0.97  # moved, scaled and warped, still the same anatomy
+
+
+@pytest.mark.parametrize("dataset", ["brain", "abdom"])
+def test_cohort_subjects_differ_more_than_phantoms(dataset):
+    def spread(variability):  # voxel-wise standard deviation over 4 subjects, in their foreground
+        scans = [normal_scan(dataset, 48, s, variability) for s in range(4)]
+        volumes = np.stack([v.astype(np.float32) for v, _ in scans])
+        return float(volumes.std(0)[np.any([f for _, f in scans], axis=0)].mean())
+
+    assert spread("cohort") > 1.05 * spread("phantom")
+
+
+def test_cohort_variability_does_not_flatter_a_voxel_wise_zscore():
+    # brains that differ as a real cohort's: comparing voxel by voxel without registration finds less (the CT
+    # phantoms' bowel gas, placed anew in every subject, already dominates the z-score at this size)
+    assert _zscore_ap("brain", "cohort") < 0.6 * _zscore_ap("brain", "phantom")
+
+
+def test_cohort_toy_cases_label_exactly_the_changed_voxels(tmp_path):
+    written = write_toy_dataset(tmp_path, "abdom", n_train=1, n_toy=2, size=32, seed=0, variability="cohort")
+    meta = json.loads((tmp_path / "abdom" / "toy_label" / "anomalies.json").read_text())
+    assert meta["variability"] == "cohort"
+    normal, anomalous, mask, info = toy_case("abdom", 1, 32, seed=0, variability="cohort")
+    assert np.array_equal(mask.astype(bool), anomalous != normal) and info["label"] == int(mask.any())
+    assert len(written["train"]) == 1
+    with pytest.raises(ValueError, match="variability"):
+        normal_scan("brain", 32, 0, variability="cohorts")

@@ -22,8 +22,15 @@ and artificial ``foreign_object``, ``noise_patch`` and ``missing_slab``. The pix
 ``gorilla_<i>`` cases (a cube of uniform noise, a constant bright cube, an upside-down block;
 :data:`GORILLA_KINDS`), each on a subject of its own, for ``bench/bench_quality.py``.
 
+Phantom subjects differ far less than a real cohort (a voxel-wise z-score against the training normals, with no
+registration, finds the toy anomalies far better than it would on real scans), so ``variability="cohort"`` gives
+every subject, training normals and test cases alike, what differs between real subjects (:func:`cohort_variation`):
+a rotation of a few degrees, a scale within 7 %, a shift, a smooth non-rigid warp of a few millimetres, a bias field
+(MR) or per-tissue contrast changes (CT); the anomalies are made on the varied subject. ``phantom`` (the default) is
+the phantoms as they are.
+
 CLI: ``PYTHONPATH=bundle:. python -m tools.toy_data --output_dir DIR [--datasets brain abdom] [--size N]
-[--train N] [--toy N] [--seed S]``.
+[--train N] [--toy N] [--seed S] [--variability phantom|cohort]``.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from scripts.io.files import MOOD_DATASETS
 from tools.phantoms import _smooth_field, ct_phantom, mni152_tissues
 
 __all__ = [
-    "ANOMALY_KINDS", "DEFAULT_SIZE", "GORILLA_KINDS", "apply_anomaly", "brain_scan", "abdom_scan", "gorilla_case",
-    "normal_scan", "toy_case",
+    "ANOMALY_KINDS", "COHORT", "DEFAULT_SIZE", "GORILLA_KINDS", "VARIABILITIES", "apply_anomaly", "brain_scan",
+    "abdom_scan", "cohort_variation", "gorilla_case", "normal_scan", "toy_case",
     "write_toy_dataset", "main",
 ]
 
@@ -117,13 +124,88 @@ def abdom_scan(size: int, subject: int) -> tuple[np.ndarray, np.ndarray]:
     return vol, body
 
 
-def normal_scan(dataset: str, size: int, subject: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(volume, foreground)`` of one normal subject of ``dataset``."""
+# how subjects differ (:func:`normal_scan`): ``phantom``, the phantoms as they are; ``cohort``, as in a real cohort
+VARIABILITIES = ("phantom", "cohort")
+# the spread of a cohort between subjects, each drawn uniformly within +-: rotation about each axis (degrees),
+# isotropic scale, shift (mm); a smooth non-rigid warp (RMS displacement per axis, mm); MR: a multiplicative bias
+# field (RMS of its log); CT: per-tissue HU offsets (fat, soft tissue: e.g. contrast phase), a bone scale and a
+# smooth additive field (HU, e.g. beam hardening)
+COHORT = {"rotation_deg": 4.0, "scale": 0.07, "shift_mm": 6.0, "warp_mm": 3.0, "mr_bias": 0.12,
+          "ct_fat_hu": 20.0, "ct_soft_hu": 20.0, "ct_bone_scale": 0.1, "ct_field_hu": 8.0}
+
+
+def _similarity_warp(shape: tuple[int, ...], spacing: float, rng: np.random.Generator) -> np.ndarray:
+    """Where each output voxel takes its value from (``map_coordinates``' coordinates, voxels): a random rotation,
+    scale and shift about the volume's centre (the :data:`COHORT` ranges), plus a smooth non-rigid displacement."""
+    angles = np.deg2rad(rng.uniform(-COHORT["rotation_deg"], COHORT["rotation_deg"], 3))
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        a, b = [i for i in range(3) if i != axis]
+        turn = np.eye(3)
+        turn[a, a] = turn[b, b] = np.cos(angle)
+        turn[a, b], turn[b, a] = -np.sin(angle), np.sin(angle)
+        rotation = turn @ rotation
+    scale = 1.0 + rng.uniform(-COHORT["scale"], COHORT["scale"])
+    shift = rng.uniform(-COHORT["shift_mm"], COHORT["shift_mm"], 3) / spacing
+    inverse = rotation.T / scale  # output -> source: the inverse of x' = scale R (x - c) + c + shift
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2.0
+    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    offset = centre - inverse @ (centre + shift)
+    coords = (inverse.astype(np.float32) @ grid + offset[:, None].astype(np.float32)).reshape(3, *shape)
+    del grid
+    for axis in range(3):
+        coords[axis] += (COHORT["warp_mm"] / spacing) * _smooth_field(rng, shape, waves=4, max_cycles=1.5)
+    return coords
+
+
+def cohort_variation(volume: np.ndarray, foreground: np.ndarray, dataset: str, spacing: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One subject as a real cohort would vary it (:data:`COHORT`): moved, scaled and warped (linear
+    interpolation; the foreground by nearest neighbour), then its intensities: a bias field for MR (the brain in
+    [0, 1], renormalised to its 99.9th foreground percentile as :func:`brain_scan`), per-tissue HU changes for CT
+    (a monotone piecewise-linear map through fat, soft tissue and bone, and a smooth additive field)."""
+    background = float(PROFILE[dataset]["background"])
+    coords = _similarity_warp(volume.shape, spacing, rng)
+    moved = ndi.map_coordinates(volume.astype(np.float32), coords, order=1, mode="constant", cval=background)
+    inside = ndi.map_coordinates(foreground.astype(np.uint8), coords, order=0, mode="constant", cval=0) > 0
+    del coords
+    field = _smooth_field(rng, volume.shape, waves=4, max_cycles=1.0)
     if dataset == "brain":
-        return brain_scan(size, subject)
-    if dataset == "abdom":
-        return abdom_scan(size, subject)
-    raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+        moved *= np.exp(COHORT["mr_bias"] * field)
+        moved[~inside] = 0.0
+        top = float(np.percentile(moved[inside], 99.9)) if inside.any() else 1.0
+        return np.clip(moved / max(top, 1e-6), 0.0, 1.0).astype(np.float32), inside
+    # CT: HU knots air, fat, water, soft tissue, bone, the phantom's top; air and water stay where they are
+    fat, soft = rng.uniform(-1, 1) * COHORT["ct_fat_hu"], rng.uniform(-1, 1) * COHORT["ct_soft_hu"]
+    bone = 1.0 + rng.uniform(-1, 1) * COHORT["ct_bone_scale"]
+    knots = np.array([-1000.0, -100.0, 0.0, 60.0, 400.0, 1500.0])
+    mapped = np.array([-1000.0, -100.0 + fat, 0.0, 60.0 + soft, 400.0 * bone, 1500.0 * bone])
+    moved = np.interp(moved, knots, mapped).astype(np.float32)
+    moved[inside] += COHORT["ct_field_hu"] * field[inside]
+    moved[~inside] = background
+    return np.clip(moved, PROFILE[dataset]["min"], 1500.0 * bone).astype(np.float32), inside
+
+
+def normal_scan(dataset: str, size: int, subject: int, variability: str = "phantom") -> tuple[np.ndarray, np.ndarray]:
+    """``(volume, foreground)`` of one normal subject of ``dataset``; ``variability`` ``cohort``: varied as a real
+    cohort's subjects are (:func:`cohort_variation`, deterministic in ``subject``)."""
+    if variability not in VARIABILITIES:
+        raise ValueError(f"variability must be one of {VARIABILITIES}, got {variability!r}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be 'brain' or 'abdom', got {dataset!r}")
+    if variability == "phantom":
+        return brain_scan(size, subject) if dataset == "brain" else abdom_scan(size, subject)
+    rng = np.random.default_rng([int(subject), 23])
+    if dataset == "brain":
+        return cohort_variation(*brain_scan(size, subject), dataset, _spacing(dataset, size), rng)
+    base = size if size <= 256 else (size + 1) // 2  # as abdom_scan: varied at the generated size, then repeated
+    volume, body = cohort_variation(*abdom_scan(base, subject), dataset, _spacing(dataset, base), rng)
+    volume = np.round(volume).astype(np.int16)
+    if base != size:
+        crop = (slice(0, size),) * 3
+        volume = volume.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
+        body = body.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
+    return volume, body
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -400,9 +482,10 @@ def _case_plan(index: int, seed: int) -> tuple[bool, list[str]]:
     return anomalous, (chosen if anomalous else [])
 
 
-def _case(dataset: str, size: int, subject: int, kinds: list[str], rng: np.random.Generator):
+def _case(dataset: str, size: int, subject: int, kinds: list[str], rng: np.random.Generator,
+          variability: str = "phantom"):
     """``(normal, anomalous, mask, info)`` of one subject with anomalies of ``kinds`` (none: a normal case)."""
-    normal, fg = normal_scan(dataset, size, subject)
+    normal, fg = normal_scan(dataset, size, subject, variability)
     anomalous, anomalies = normal, []
     for kind in kinds:
         for _ in range(5):  # retry in the (rare) case that an anomaly changed nothing
@@ -424,29 +507,31 @@ def _case(dataset: str, size: int, subject: int, kinds: list[str], rng: np.rando
     return normal, anomalous, mask, info
 
 
-def toy_case(dataset: str, index: int, size: int, seed: int = 0):
+def toy_case(dataset: str, index: int, size: int, seed: int = 0, variability: str = "phantom"):
     """Toy case ``index``: ``(normal, anomalous, mask, info)``; ``mask`` is uint8 ``anomalous != normal``,
     ``info`` holds ``label`` (0/1), ``kinds`` (["normal"] or anomaly kinds), ``bbox`` (of the mask, or None)
     and ``anomalies`` (each kind's changed-voxel box). Deterministic in ``(dataset, index, size, seed)``."""
     anomalous_flag, kinds = _case_plan(index, seed)
     rng = np.random.default_rng([int(seed), int(index), 13])
-    normal, anomalous, mask, info = _case(dataset, size, seed * 100_003 + TOY_OFFSET + index, kinds, rng)
+    normal, anomalous, mask, info = _case(dataset, size, seed * 100_003 + TOY_OFFSET + index, kinds, rng,
+                                          variability)
     return normal, anomalous, mask, {**info, "planned": anomalous_flag}
 
 
-def gorilla_case(dataset: str, index: int, size: int, seed: int = 0):
+def gorilla_case(dataset: str, index: int, size: int, seed: int = 0, variability: str = "phantom"):
     """Gorilla case ``index`` (as :func:`toy_case`): a subject of its own with one plainly abnormal cube, the
     kinds of :data:`GORILLA_KINDS` in turn."""
     kind = list(GORILLA_KINDS)[index % len(GORILLA_KINDS)]
     rng = np.random.default_rng([int(seed), int(index), 17])
-    return _case(dataset, size, seed * 100_003 + GORILLA_OFFSET + index, [kind], rng)
+    return _case(dataset, size, seed * 100_003 + GORILLA_OFFSET + index, [kind], rng, variability)
 
 
 def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: int = 10, size: int | None = None,
-                      seed: int = 0, n_gorilla: int = 0) -> dict:
+                      seed: int = 0, n_gorilla: int = 0, variability: str = "phantom") -> dict:
     """Write one dataset in the MOOD layout under ``root/<dataset>``; returns a summary dict with the folders,
     file lists and the per-case anomaly info (also written to ``toy_label/anomalies.json``). ``n_gorilla``
-    adds that many ``gorilla_<i>.nii.gz`` cases (:func:`gorilla_case`) to the toy folder."""
+    adds that many ``gorilla_<i>.nii.gz`` cases (:func:`gorilla_case`) to the toy folder; ``variability``
+    (:data:`VARIABILITIES`) is how the subjects differ."""
     import nibabel as nib
 
     if dataset not in DATASETS:
@@ -460,7 +545,7 @@ def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: 
     affine = _affine(dataset, size)
     train = []
     for i in range(n_train):
-        vol, _ = normal_scan(dataset, size, seed * 100_003 + TRAIN_OFFSET + i)
+        vol, _ = normal_scan(dataset, size, seed * 100_003 + TRAIN_OFFSET + i, variability)
         path = train_dir / f"{i:05d}.nii.gz"
         nib.save(nib.Nifti1Image(vol, affine), path)
         train.append(str(path))
@@ -468,14 +553,15 @@ def write_toy_dataset(root: str | Path, dataset: str, n_train: int = 20, n_toy: 
     planned = [(f"toy_{i}.nii.gz", toy_case, i) for i in range(n_toy)]
     planned += [(f"gorilla_{i}.nii.gz", gorilla_case, i) for i in range(n_gorilla)]
     for name, make_case, i in planned:
-        _, anomalous, mask, info = make_case(dataset, i, size, seed)
+        _, anomalous, mask, info = make_case(dataset, i, size, seed, variability)
         nib.save(nib.Nifti1Image(anomalous, affine), toy_dir / name)
         nib.save(nib.Nifti1Image(mask, affine), pixel_dir / name)
         (sample_dir / f"{name}.txt").write_text(f"{info['label']}\n")
         info.pop("planned", None)
         cases[name] = info
         del anomalous, mask
-    meta = {"dataset": dataset, "size": size, "seed": seed, "spacing_mm": _spacing(dataset, size),
+    meta = {"dataset": dataset, "size": size, "seed": seed, "variability": variability,
+            "spacing_mm": _spacing(dataset, size),
             "kinds": list(ANOMALY_KINDS) + (list(GORILLA_KINDS) if n_gorilla else []), "cases": cases}
     (base / "toy_label" / "anomalies.json").write_text(json.dumps(meta, indent=1))
     return {"root": str(base), "train": train, "toy": sorted(str(toy_dir / n) for n in cases), "cases": cases}
@@ -493,11 +579,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", type=int, default=20, help="normal training scans per dataset")
     parser.add_argument("--toy", type=int, default=10, help="toy test cases per dataset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variability", choices=VARIABILITIES, default="phantom",
+                        help="cohort: subjects moved, scaled, warped and with their own contrast, as in a real cohort")
     args = parser.parse_args(argv)
     out = {}
     for dataset in args.datasets:
         start = time.perf_counter()
-        out[dataset] = write_toy_dataset(args.output_dir, dataset, args.train, args.toy, args.size, args.seed)
+        out[dataset] = write_toy_dataset(args.output_dir, dataset, args.train, args.toy, args.size, args.seed,
+                                         variability=args.variability)
         n_anom = sum(c["label"] for c in out[dataset]["cases"].values())
         print(f"{dataset}: {args.train} training scans, {args.toy} toy cases ({n_anom} anomalous) in "
               f"{out[dataset]['root']} ({time.perf_counter() - start:.1f} s)")

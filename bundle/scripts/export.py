@@ -121,7 +121,7 @@ def _ensemble_differences(models_dir: str | Path, dataset: str, formats: Sequenc
     maps = {}
     for fmt in ("pytorch", *formats):
         parser = bundle_config(dataset, models_dir, bundle_root, model_format=fmt, device="$torch.device('cpu')",
-                               amp=False)
+                               amp=False, allow_partial_ensemble=True)  # the folds there are, as exported
         maps[fmt] = Predictor.for_maps(parser).predict_map(x)
     return {fmt: float((maps[fmt] - maps["pytorch"]).abs().max()) for fmt in formats}
 
