@@ -58,3 +58,25 @@ def test_patch_models_see_a_whole_scan_in_one_pass_or_in_weighted_sliding_window
     assert blended.shape == image.shape and torch.allclose(blended, 3 * image + 1, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(make_inferer(None)(image, voxelwise), 3 * image + 1)
+
+
+def test_a_training_pass_in_bf16_or_channels_last_gives_the_fp32_map_and_float32_gradients():
+    from scripts.networks import PrecisionInferer, with_memory_format
+
+    torch.manual_seed(0)
+    network = small_unet()
+    x = torch.randn(2, 1, 16, 16, 16)
+    reference = PrecisionInferer()(x, network)
+    assert torch.equal(reference, network(x))  # fp32: the plain pass
+    bf16 = PrecisionInferer(precision="bf16")(x, network)
+    assert bf16.dtype == torch.float32 and torch.allclose(torch.sigmoid(bf16), torch.sigmoid(reference), atol=0.05)
+    bf16.mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in network.parameters() if p.grad is not None)
+    layered = with_memory_format(small_unet(), channels_last=True)
+    layered.load_state_dict(network.state_dict())  # the same state dict in either layout
+    assert any(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+               for p in layered.parameters())
+    with torch.no_grad():
+        assert torch.allclose(PrecisionInferer(channels_last=True)(x, layered), reference.detach(), atol=1e-5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PrecisionInferer(precision="fp16")

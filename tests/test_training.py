@@ -149,7 +149,7 @@ def test_training_on_patches_sees_whole_scans_in_one_pass_or_in_sliding_windows(
     parser.update({**settings, "spatial_size": [24, 24, 24], "network_depth": 3, "num_workers": 0})
     assert parser.get_parsed_content("train#dataset")[0]["image"].shape == (1, 12, 12, 12)  # training sees crops
     assert parser.get_parsed_content("validate#dataset")[0]["image"].shape == (1, 24, 24, 24)  # validation: scans
-    assert isinstance(parser.get_parsed_content("train#inferer"), SimpleInferer)
+    assert isinstance(parser.get_parsed_content("train#inferer").inferer, SimpleInferer)  # in fp32 by default
     assert isinstance(parser.get_parsed_content("validate#inferer"), SimpleInferer)  # in one pass by default
     parser["sliding_window"] = True
     assert list(parser.get_parsed_content("validate#inferer").roi_size) == [12, 12, 12]

@@ -108,6 +108,39 @@ def inferer_for(plan: Mapping, sliding_window: bool | None = None) -> Inferer:
     return make_inferer(plan["patch_size"], plan["sliding_window"] if sliding_window is None else sliding_window)
 
 
+# numeric precisions of a training pass (train.yaml's ``precision``)
+PRECISIONS = ("fp32", "bf16")
+
+
+class PrecisionInferer(Inferer):
+    """``inferer`` (default one pass) in another precision or memory layout, for training on a CPU: ``bf16`` runs
+    the pass under ``torch.autocast`` in bfloat16 (convolutions in bfloat16 where the CPU has the instructions,
+    e.g. AVX512-BF16 or AMX; weights, optimiser and gradients stay float32) and returns float32, so the loss and
+    the metrics stay in float32; ``channels_last`` hands volumes over in channels-last 3D order (the network's
+    weights converted once by :func:`with_memory_format`). ``fp32`` without ``channels_last`` is ``inferer``
+    itself. ``make bench-training`` measures each against fp32 in the same run."""
+
+    def __init__(self, inferer: Inferer | None = None, precision: str = "fp32", channels_last: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.inferer = inferer or SimpleInferer()
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if self.channels_last and inputs.ndim == 5:
+            inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
+        if self.precision == "fp32":
+            return self.inferer(inputs, network, *args, **kwargs)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
+            return self.inferer(inputs, network, *args, **kwargs).float()
+
+
+def with_memory_format(network: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
+    """``network`` with its 5D weights in channels-last 3D order when ``channels_last`` (its state dict is the same)."""
+    return network.to(memory_format=torch.channels_last_3d) if channels_last else network
+
+
 def with_output_prior(network: torch.nn.Module, prior: float = 0.01) -> torch.nn.Module:
     """Start the network at a small anomaly probability: set the bias of its last convolution to the
     logit of ``prior`` (the RetinaNet prior initialisation).
