@@ -108,8 +108,36 @@ def inferer_for(plan: Mapping, sliding_window: bool | None = None) -> Inferer:
     return make_inferer(plan["patch_size"], plan["sliding_window"] if sliding_window is None else sliding_window)
 
 
-# numeric precisions of a training pass (train.yaml's ``precision``)
+# numeric precisions of a training pass (train.yaml's ``precision``; ``auto``: :func:`resolved_precision`)
 PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), which make bfloat16 convolutions cheaper
+    than float32 ones; without them autocast would emulate bfloat16 and be slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers of torch.cpu: absent means unknown, so no
+        return False
+
+
+def resolved_precision(precision: str, device: torch.device | str) -> str:
+    """A training run's precision: ``auto`` is ``bf16`` on a CPU with bfloat16 instructions (2.5x the samples per
+    second of fp32 at 64^3 with channels-last, at an equal validation AP per epoch: docs/experiments, 2026-12-06),
+    else ``fp32`` (GPUs train in mixed precision through the trainer's ``amp``)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def resolved_channels_last(channels_last: bool | str, device: torch.device | str) -> bool:
+    """A training run's memory layout: ``auto`` is channels-last 3D on a CPU (faster there in fp32 and bf16 alike),
+    the default layout on a GPU."""
+    if channels_last == "auto":
+        return torch.device(device).type == "cpu"
+    return bool(channels_last)
 
 
 class PrecisionInferer(Inferer):
