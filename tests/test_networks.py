@@ -80,3 +80,16 @@ def test_a_training_pass_in_bf16_or_channels_last_gives_the_fp32_map_and_float32
         assert torch.allclose(PrecisionInferer(channels_last=True)(x, layered), reference.detach(), atol=1e-5)
     with pytest.raises(ValueError, match="precision must be one of"):
         PrecisionInferer(precision="fp16")
+
+
+def test_channels_last_follows_the_network_s_dimensions():
+    from scripts.networks import PrecisionInferer, with_memory_format
+
+    net2d = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+    reference_weights = {k: v.clone() for k, v in net2d.state_dict().items()}
+    layered = with_memory_format(net2d, channels_last=True)  # a 2D network: 2D channels-last, no error
+    assert layered[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(reference_weights[k], v) for k, v in layered.state_dict().items())
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(PrecisionInferer(channels_last=True)(x, layered), layered(x), atol=1e-6)

@@ -156,17 +156,25 @@ class PrecisionInferer(Inferer):
         self.channels_last = bool(channels_last)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        if self.channels_last and inputs.ndim == 5:
-            inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
+        if self.channels_last and inputs.ndim in CHANNELS_LAST:
+            inputs = inputs.contiguous(memory_format=CHANNELS_LAST[inputs.ndim])
         if self.precision == "fp32":
             return self.inferer(inputs, network, *args, **kwargs)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
             return self.inferer(inputs, network, *args, **kwargs).float()
 
 
+# channels-last order of a tensor of each rank: volumes (N, C, D, H, W) and images or slices (N, C, H, W)
+CHANNELS_LAST = {5: torch.channels_last_3d, 4: torch.channels_last}
+
+
 def with_memory_format(network: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
-    """``network`` with its 5D weights in channels-last 3D order when ``channels_last`` (its state dict is the same)."""
-    return network.to(memory_format=torch.channels_last_3d) if channels_last else network
+    """``network`` with its convolution weights in channels-last order when ``channels_last``: 3D for a 3D network,
+    2D for a 2D one (images, slice-wise models); its state dict is the same."""
+    ranks = {p.ndim for p in network.parameters()} & set(CHANNELS_LAST)
+    if not channels_last or not ranks:
+        return network
+    return network.to(memory_format=CHANNELS_LAST[max(ranks)])
 
 
 def with_output_prior(network: torch.nn.Module, prior: float = 0.01) -> torch.nn.Module:
