@@ -121,22 +121,23 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolved_precision(precision: str, device: torch.device | str) -> str:
-    """A training run's precision: ``auto`` is ``bf16`` on a CPU with bfloat16 instructions (2.5x the samples per
-    second of fp32 at 64^3 with channels-last, at an equal validation AP per epoch: docs/experiments, 2026-12-06),
-    else ``fp32`` (GPUs train in mixed precision through the trainer's ``amp``)."""
+def resolved_precision(precision: str, device: torch.device | str, dims: int = 3) -> str:
+    """A training run's precision: ``auto`` is ``bf16`` for a 3D network on a CPU with bfloat16 instructions (2.5x
+    the samples per second of fp32 at 64^3 with channels-last, at an equal validation AP per epoch:
+    docs/experiments, 2026-12-06), else ``fp32`` (2D networks: not measured; GPUs train in mixed precision through
+    the trainer's ``amp``)."""
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "fp32"
+        return "bf16" if int(dims) == 3 and torch.device(device).type == "cpu" and cpu_has_bf16() else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
     return precision
 
 
-def resolved_channels_last(channels_last: bool | str, device: torch.device | str) -> bool:
-    """A training run's memory layout: ``auto`` is channels-last 3D on a CPU (faster there in fp32 and bf16 alike),
-    the default layout on a GPU."""
+def resolved_channels_last(channels_last: bool | str, device: torch.device | str, dims: int = 3) -> bool:
+    """A training run's memory layout: ``auto`` is channels-last 3D for a 3D network on a CPU (faster there in fp32
+    and bf16 alike), else the default layout (2D networks: not measured)."""
     if channels_last == "auto":
-        return torch.device(device).type == "cpu"
+        return int(dims) == 3 and torch.device(device).type == "cpu"
     return bool(channels_last)
 
 
