@@ -114,14 +114,21 @@ def brain_scan(size: int, subject: int, return_tissues: bool = False):
 def abdom_scan(size: int, subject: int) -> tuple[np.ndarray, np.ndarray]:
     """A CT phantom of one subject in int16 HU and its body mask; above 256 it is generated at half size
     (rounded up) and repeated x2 along every axis."""
-    base = size if size <= 256 else (size + 1) // 2
-    vol, body = ct_phantom(base, seed=int(subject))
-    vol = np.round(vol).astype(np.int16)
-    if base != size:
-        crop = (slice(0, size),) * 3
-        vol = vol.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
-        body = body.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
-    return vol, body
+    vol, body = ct_phantom(_ct_base_size(size), seed=int(subject))
+    return _repeated_to(np.round(vol).astype(np.int16), body, size)
+
+
+def _ct_base_size(size: int) -> int:
+    """The side a CT phantom of ``size`` is generated at: itself up to 256, else half of it (rounded up)."""
+    return size if size <= 256 else (size + 1) // 2
+
+
+def _repeated_to(volume: np.ndarray, body: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A volume generated at :func:`_ct_base_size` and its mask, repeated x2 along every axis to ``size``."""
+    if volume.shape[0] == size:
+        return volume, body
+    crop = (slice(0, size),) * 3
+    return (volume.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop], body.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop])
 
 
 # how subjects differ (:func:`normal_scan`): ``phantom``, the phantoms as they are; ``cohort``, as in a real cohort
@@ -198,14 +205,9 @@ def normal_scan(dataset: str, size: int, subject: int, variability: str = "phant
     rng = np.random.default_rng([int(subject), 23])
     if dataset == "brain":
         return cohort_variation(*brain_scan(size, subject), dataset, _spacing(dataset, size), rng)
-    base = size if size <= 256 else (size + 1) // 2  # as abdom_scan: varied at the generated size, then repeated
+    base = _ct_base_size(size)  # as abdom_scan: varied at the generated size, then repeated
     volume, body = cohort_variation(*abdom_scan(base, subject), dataset, _spacing(dataset, base), rng)
-    volume = np.round(volume).astype(np.int16)
-    if base != size:
-        crop = (slice(0, size),) * 3
-        volume = volume.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
-        body = body.repeat(2, 0).repeat(2, 1).repeat(2, 2)[crop]
-    return volume, body
+    return _repeated_to(np.round(volume).astype(np.int16), body, size)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
