@@ -198,13 +198,16 @@ def with_output_prior(network: torch.nn.Module, prior: float = 0.01) -> torch.nn
     return network
 
 
-def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module:
+def build_network(plan: Mapping, slice_batch: int = 16) -> torch.nn.Module | None:
     """A fresh network of the plan's definition (``monai.networks.nets.<name>(**args)``); for a plan with a
     ``slice_axis``, that 2D network inside :class:`scripts.networks.SliceWiseNetwork`, which takes volumes and runs
-    ``slice_batch`` slices per pass (a speed and memory setting: the output is the same)."""
+    ``slice_batch`` slices per pass (a speed and memory setting: the output is the same). None for a plan of voxel
+    classifiers alone (no network)."""
     from monai.networks import nets
 
     spec = plan["network"] if "network" in plan else plan
+    if spec is None:
+        return None
     network_class = getattr(nets, spec["name"], None)
     if network_class is None:
         raise ValueError(f"the plan names network {spec['name']!r}, which monai.networks.nets does not have")

@@ -39,11 +39,15 @@ NORMALISATION_MODES = ("zscore", "robust", "fingerprint", "none")
 
 # the plan's parts that versions do not change: two plans that agree on these describe the same model setup
 _SETUP_KEYS = ("plan_format", "dataset", "network", "spatial_size", "patch_size", "sliding_window", "slice_axis",
-               "foreground_fraction", "normalisation", "split", "sample_score")
+               "foreground_fraction", "normalisation", "split", "sample_score", "classifier")
 
 
 # added to the format later, with the value every plan written before them means
-_LATER_KEYS = {"patch_size": None, "sliding_window": False, "slice_axis": None}
+_LATER_KEYS = {"patch_size": None, "sliding_window": False, "slice_axis": None, "classifier": None}
+
+# the model kinds a models folder may hold: fold networks (``fold_<k>.pt``) and voxel classifiers
+# (``classifier_<k>.txt``, scripts.classifier); the plan's ``network`` and ``classifier`` say which it has
+MODEL_KINDS = ("network", "voxel_classifier")
 
 
 class PlanConflictError(ValueError):
@@ -82,16 +86,17 @@ def split_record(scans: Sequence[str], num_train_tasks: int = 1, tasks: Sequence
     }
 
 
-def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], normalisation: str,
+def make_plan(dataset: str, network: Mapping | None, spatial_size: Sequence[int], normalisation: str,
               fingerprint: Mapping | None = None, foreground_fraction: float = 0.1, split: Mapping | None = None,
               sample_score_fraction: float = 0.01, patch_size: Sequence[int] | None = None,
               sliding_window: bool = False, slice_axis: int | None = None,
-              sample_score_aggregation: str = "mean_of_top_fraction") -> dict:
+              sample_score_aggregation: str = "mean_of_top_fraction", classifier: Mapping | None = None) -> dict:
     """The plan of one dataset's models.
 
     Args:
         dataset: the dataset name (``brain``, ``abdom``): the models' folder under ``models/``.
-        network: ``{"name": <class in monai.networks.nets>, "args": {...}}``, the arguments as the network takes them.
+        network: ``{"name": <class in monai.networks.nets>, "args": {...}}``, the arguments as the network takes them;
+            None for a folder of voxel classifiers alone.
         spatial_size: the working grid every scan is resampled to.
         normalisation: ``zscore`` or ``robust`` (each scan's own foreground) or ``fingerprint`` (the training data's
             statistics): :class:`scripts.transforms.NormaliseIntensity`.
@@ -108,12 +113,21 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
             working grid along that axis and applied slice by slice (:class:`scripts.networks.SliceWiseNetwork`).
         sample_score_aggregation: ``mean_of_top_fraction`` or FPI's ``fpi_top_slices``
             (:func:`scripts.plans.sample_score_method`; its slices along ``slice_axis``, else axis 2).
+        classifier: the voxel classifier's record (``{"features": ..., "learner": ...}``: its feature bank and its
+            learner, :mod:`scripts.classifier`), None for networks alone; training adds its files' SHA-256
+            (``files``) once its folds are trained (:func:`record_classifier_files`).
     """
     if normalisation not in NORMALISATION_MODES:
         raise ValueError(f"normalisation must be one of {NORMALISATION_MODES}, got {normalisation!r}")
-    if set(network) != {"name", "args"}:
+    if network is None and classifier is None:
+        raise ValueError("a plan needs a network, a classifier or both")
+    if network is not None and set(network) != {"name", "args"}:
         raise ValueError(f"network must be {{'name': ..., 'args': {{...}}}}, got keys {sorted(network)}")
-    dims = int(network["args"].get("spatial_dims", len(spatial_size)))
+    if classifier is not None and not {"features", "learner"} <= set(classifier):
+        raise ValueError(f"classifier must hold 'features' and 'learner', got keys {sorted(classifier)}")
+    dims = len(spatial_size) if network is None else int(network["args"].get("spatial_dims", len(spatial_size)))
+    if network is None and (slice_axis is not None or patch_size is not None):
+        raise ValueError("slice_axis and patch_size describe networks: a classifier alone scores the whole grid")
     if slice_axis is not None:
         if slice_axis not in (0, 1, 2) or len(spatial_size) != 3 or dims != 2:
             raise ValueError(f"slice_axis {slice_axis!r}: a slice-wise model is a 2D network (spatial_dims 2, this one "
@@ -130,7 +144,7 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
     plan = {
         "plan_format": PLAN_FORMAT,
         "dataset": dataset,
-        "network": {"name": str(network["name"]), "args": dict(network["args"])},
+        "network": None if network is None else {"name": str(network["name"]), "args": dict(network["args"])},
         "spatial_size": [int(s) for s in spatial_size],
         "patch_size": patch_size,
         "sliding_window": bool(sliding_window) and patch_size is not None,
@@ -139,6 +153,7 @@ def make_plan(dataset: str, network: Mapping, spatial_size: Sequence[int], norma
         "normalisation": {"mode": normalisation, "fingerprint": None},
         "split": None if split is None else dict(split),
         "sample_score": sample_score_method(sample_score_aggregation, sample_score_fraction, slice_axis),
+        "classifier": None if classifier is None else {k: v for k, v in dict(classifier).items() if k != "files"},
         "versions": versions(),
     }
     if fingerprint is not None:
@@ -173,8 +188,26 @@ def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], 
     return patch
 
 
+def _setup_value(plan: Mapping, key: str):
+    value = plan.get(key, _LATER_KEYS.get(key))
+    if key == "classifier" and value is not None:  # its files are recorded after training
+        value = {k: v for k, v in value.items() if k != "files"}
+    return value
+
+
 def _differing_keys(a: Mapping, b: Mapping) -> list[str]:
-    return [key for key in _SETUP_KEYS if a.get(key, _LATER_KEYS.get(key)) != b.get(key, _LATER_KEYS.get(key))]
+    return [key for key in _SETUP_KEYS if _setup_value(a, key) != _setup_value(b, key)]
+
+
+def record_classifier_files(ensemble_dir: str | os.PathLike, files: Mapping[str, str]) -> Path:
+    """Add the SHA-256 of trained classifier files (name -> digest) to the plan in ``ensemble_dir``: inference
+    refuses any classifier file that is not the one recorded there."""
+    path = Path(ensemble_dir) / PLAN_FILE
+    plan = load_json(path)
+    if not plan.get("classifier"):
+        raise ValueError(f"{str(path)!r} has no classifier to record files for")
+    plan["classifier"]["files"] = {**(plan["classifier"].get("files") or {}), **dict(files)}
+    return save_json(plan, path)
 
 
 def ensure_plan(ensemble_dir: str | os.PathLike, plan: Mapping, fingerprint: Mapping | None = None) -> Path:

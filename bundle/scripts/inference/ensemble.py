@@ -155,12 +155,17 @@ def check_folds(files: Sequence[Path], plan: dict | None, allow_partial: bool = 
 
 def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset: str, device,
                   model_format: str = "pytorch", plan: dict | None = None,
-                  allow_partial: bool = False, flip_axes: Sequence[int] = ()) -> Ensemble:
+                  allow_partial: bool = False, flip_axes: Sequence[int] = ()) -> torch.nn.Module:
     """Every fold model of ``models_dir/<dataset>`` as one :class:`Ensemble` in eval mode on ``device``:
     plain state dicts ``fold_<k>.pt`` loaded into copies of ``network_def`` (``model_format='pytorch'``), or
     their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime). With the models' ``plan``,
     an ensemble missing some of the plan's folds is refused unless ``allow_partial`` (:func:`check_folds`).
-    ``flip_axes``: test-time flips (:class:`Ensemble`)."""
+    ``flip_axes``: test-time flips (:class:`Ensemble`). A plan of voxel classifiers gives their fold ensemble
+    (:func:`scripts.classifier.model.load_classifier`; they have no exports: their own files in any format)."""
+    if plan is not None and plan.get("classifier") and plan.get("network") is None:
+        from scripts.classifier.model import load_classifier
+
+        return load_classifier(models_dir, dataset, plan, allow_partial).to(device)
     files = model_files(models_dir, dataset, model_format)
     check_folds(files, plan, allow_partial)
     networks = []

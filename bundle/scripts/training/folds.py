@@ -24,7 +24,7 @@ from scripts.cli import describe_error
 from scripts.data.splits import CrossValidationSplit, model_folds
 from scripts.inference.ensemble import load_weights
 from scripts.io.files import save_json
-from scripts.plans import load_plan
+from scripts.plans import load_plan, record_classifier_files
 
 __all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
 
@@ -209,11 +209,16 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
         "mean_best_metric": sum(finished) / len(finished) if finished else None,
     }
     save_json(summary, ensemble_dir / "summary.json")
+    classifier_files = {k: v for r in records if r.get("exit_code") == 0 for k, v in (r.get("files") or {}).items()}
+    if classifier_files:  # inference refuses classifier files the plan does not record
+        record_classifier_files(ensemble_dir, classifier_files)
     if failed:
         raise RuntimeError(f"folds {failed} failed; see the logs above and {ensemble_dir / 'summary.json'}")
     if calibrate:
-        missing = [f["fold"] for f in load_plan(ensemble_dir.parent, dataset)["split"]["model_folds"]
-                   if not (ensemble_dir / f"fold_{f['fold']}.pt").is_file()]
+        plan = load_plan(ensemble_dir.parent, dataset)
+        kinds = (["fold_{}.pt"] if plan["network"] else []) + (["classifier_{}.txt"] if plan["classifier"] else [])
+        missing = [f["fold"] for f in plan["split"]["model_folds"]
+                   if not all((ensemble_dir / kind.format(f["fold"])).is_file() for kind in kinds)]
         if missing:
             logger.warning("no operating points: folds %s of the plan are not trained yet", missing)
         else:

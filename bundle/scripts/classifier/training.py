@@ -1,0 +1,175 @@
+"""Training one model fold of the voxel classifier, by the cross-validation the networks use ("Many tasks make
+light work", Baugh et al. 2023): the fold learns from synthetic samples of its training tasks on its training data
+folds and is validated on its held-out tasks on the other data folds; the folds form the ensemble.
+
+Rows: from each synthetic sample (``samples`` of them, drawn by training's own dataset: the tasks, the
+flipped-Gaussian labeller), ``voxels_per_sample`` voxels of the foreground box, half where the label is above 0
+(the sample's anomalies) and half where it is 0 (its normal tissue; all of them when the sample drew no anomaly).
+The soft label is the target of LightGBM's cross-entropy objective, as it is the networks' BCE target; the two
+halves weigh the same. The held-out tasks' validation samples give the rows that stop the boosting early and the
+fold's validation result (pixel and sample AP on their whole maps, as the networks' validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.classifier.features import FeatureBank, NormativeStatistics, scored_voxels, sha256_of
+from scripts.classifier.model import VoxelClassifierEnsemble, classifier_files, load_booster
+from scripts.io.files import save_json, write_atomically
+from scripts.training.metrics import PixelAveragePrecision, SampleAveragePrecision
+
+__all__ = ["LEARNER_DEFAULTS", "learner_record", "sample_rows", "train_fold"]
+
+logger = logging.getLogger(__name__)
+
+# LightGBM (Ke et al., NeurIPS 2017): multi-threaded histogram boosting with a text model format; deterministic
+# for a seed on one machine
+LEARNER_DEFAULTS = {"objective": "cross_entropy", "learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 200,
+                    "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
+                    "max_bin": 255, "num_boost_round": 400, "early_stopping_rounds": 40}
+
+
+def learner_record(**overrides) -> dict:
+    """The plan's record of the learner: the library, its version and its parameters."""
+    import lightgbm
+
+    params = {**LEARNER_DEFAULTS, **overrides}
+    unknown = sorted(set(params) - set(LEARNER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown learner settings {unknown}; the classifier takes {sorted(LEARNER_DEFAULTS)}")
+    return {"library": "lightgbm", "version": lightgbm.__version__, "params": params}
+
+
+def _array(value) -> np.ndarray:
+    value = value.as_tensor() if hasattr(value, "as_tensor") else value
+    value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return value[0] if value.ndim == 4 else value
+
+
+def sample_rows(bank: FeatureBank, image, label, normative: NormativeStatistics, count: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` rows of one synthetic sample: half of its anomalous voxels (label above 0), half of its normal
+    ones, within the foreground box; the targets are the soft labels."""
+    image, label = _array(image).astype(np.float32), _array(label).astype(np.float32).reshape(-1)
+    box_voxels, _ = scored_voxels(image, bank.settings)
+    positive = box_voxels[label[box_voxels] > 0]
+    negative = box_voxels[label[box_voxels] == 0]
+    take_positive = min(len(positive), count // 2)
+    chosen = np.concatenate([rng.choice(positive, take_positive, replace=False) if take_positive else positive[:0],
+                             rng.choice(negative, min(len(negative), count - take_positive), replace=False)])
+    chosen.sort()
+    shared = bank.shared(image, chosen)
+    return bank.rows(shared, normative), label[chosen]
+
+
+def _rows_of(dataset, indices, bank, normative, count, rng) -> tuple[np.ndarray, np.ndarray]:
+    features, targets = [], []
+    for i in indices:
+        item = dataset[i]
+        x, y = sample_rows(bank, item["image"], item["label"], normative, count, rng)
+        features.append(x)
+        targets.append(y)
+    return np.concatenate(features), np.concatenate(targets)
+
+
+def _balanced_weights(targets: np.ndarray) -> np.ndarray:
+    """Weights under which the anomalous rows (target above 0) and the normal ones weigh the same in total."""
+    positive = targets > 0
+    weights = np.ones(len(targets), np.float32)
+    if positive.any() and (~positive).any():
+        weights[positive] = (~positive).sum() / positive.sum()
+    return weights
+
+
+def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise, classifier: Mapping,
+               ensemble_dir: str | Path, fold: int, samples: int = 60, voxels_per_sample: int = 4000,
+               val_maps: int = 20, seed: int = 0, sample_score_method: Mapping | None = None,
+               threads: int | None = None) -> dict:
+    """Train model fold ``fold``: the normals' statistics from ``normals`` (its training data folds, preprocessed;
+    ``normalise`` as the plan says), rows from ``samples`` items of ``train_dataset`` (its training tasks), early
+    stopping on rows of ``val_dataset`` (its held-out tasks), the pixel and sample AP of the first ``val_maps``
+    validation samples' whole maps. Writes ``classifier_<k>.txt``, ``normative_<k>.npz`` and returns the fold's
+    result (files with their SHA-256, validation, timings) for ``fold_<k>.json``."""
+    import lightgbm
+
+    start = time.perf_counter()
+    threads = threads or torch.get_num_threads()
+    bank = FeatureBank(classifier["features"])
+    folder = Path(ensemble_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_name, normative_name = classifier_files(fold)
+    rng = np.random.default_rng(seed + 7919 * fold)
+    images = [_array(normalise(dict(item))["image"]) for item in normals]
+    normative = NormativeStatistics.from_scans(images, bank.settings)
+    del images
+    normative_sha = normative.save(folder / normative_name)
+    train_dataset.set_random_state(seed=seed + fold)
+    x_train, y_train = _rows_of(train_dataset, [i % len(train_dataset) for i in range(samples)], bank, normative,
+                                voxels_per_sample, rng)
+    features_seconds = time.perf_counter() - start
+    val_indices = list(range(len(val_dataset)))
+    x_val, y_val = _rows_of(val_dataset, val_indices, bank, normative, max(voxels_per_sample // 4, 200), rng)
+    params = dict(classifier["learner"]["params"])
+    rounds, patience = params.pop("num_boost_round"), params.pop("early_stopping_rounds")
+    params.update(num_threads=threads, seed=seed + fold, deterministic=True, force_row_wise=True, verbosity=-1)
+    names = bank.names()
+    train_set = lightgbm.Dataset(x_train, y_train, weight=_balanced_weights(y_train), feature_name=names,
+                                 free_raw_data=True)
+    val_set = lightgbm.Dataset(x_val, y_val, weight=_balanced_weights(y_val), reference=train_set)
+    fit_start = time.perf_counter()
+    booster = lightgbm.train(params, train_set, num_boost_round=rounds, valid_sets=[val_set],
+                             callbacks=[lightgbm.early_stopping(patience, verbose=False)])
+    fit_seconds = time.perf_counter() - fit_start
+    text = booster.model_to_string(num_iteration=booster.best_iteration)
+    write_atomically(folder / model_name, lambda tmp: tmp.write_text(text))
+    model_sha = sha256_of(folder / model_name)
+    # the fold's validation on whole maps, with the files as inference reads them
+    ensemble = VoxelClassifierEnsemble(bank, [(load_booster(folder / model_name, model_sha, threads),
+                                               NormativeStatistics.load(folder / normative_name, normative_sha))])
+    pixel = PixelAveragePrecision()
+    sample = SampleAveragePrecision(sample_score_method or 1e-2)
+    for i in val_indices[:val_maps]:
+        item = val_dataset[i]
+        prediction = torch.from_numpy(ensemble.scan_map(_array(item["image"]).astype(np.float32)))
+        label = torch.as_tensor(_array(item["label"]))[None]
+        pixel.update(([prediction], [label]))
+        sample.update(([prediction], [label]))
+    importance = booster.feature_importance("gain", iteration=booster.best_iteration)
+    result = {
+        "kind": "voxel_classifier",
+        "files": {model_name: model_sha, normative_name: normative_sha},
+        "pixel_ap": pixel.compute(),
+        "sample_ap": sample.compute(),
+        "val_samples": min(val_maps, len(val_indices)),
+        "best_iteration": int(booster.best_iteration or rounds),
+        "train_rows": int(len(y_train)),
+        "feature_importance": {n: round(float(v) / max(float(importance.sum()), 1e-12), 4)
+                               for n, v in zip(names, importance)},
+        "seconds": {"features": round(features_seconds, 1), "fit": round(fit_seconds, 1),
+                    "total": round(time.perf_counter() - start, 1)},
+    }
+    logger.info("classifier fold %d: validation pixel AP %.3f, sample AP %.3f (%d trees, %.0f s)", fold,
+                result["pixel_ap"], result["sample_ap"], result["best_iteration"], result["seconds"]["total"])
+    return result
+
+
+def save_fold_result(ensemble_dir, fold: int, split, dataset_dir, result: Mapping, recipe: Mapping) -> dict:
+    """``fold_<k>.json`` of a classifier fold: its split, its validation result (``best_metric``: the pixel AP, the
+    networks' key metric), its files' SHA-256 and the recipe."""
+    from scripts.training.folds import _relative
+
+    split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
+    split_record["train_scans"] = _relative(split.train_scans, dataset_dir)
+    split_record["val_scans"] = _relative(split.val_scans, dataset_dir)
+    record = {"fold": fold, "split": split_record, "key_metric": "val_pixel_ap", "best_metric": result["pixel_ap"],
+              "train_tasks": list(split.train_tasks), "val_tasks": list(split.val_tasks), **dict(result),
+              "recipe": dict(recipe)}
+    save_json(record, Path(ensemble_dir) / f"fold_{fold}.json")
+    return record
