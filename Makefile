@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 export PYTHONWARNINGS := ignore:parsing config_file:UserWarning:monai.bundle.scripts
 
 help:
-	@echo 'make demo | test | setup | lint | train DATA=... [KIND=2d] | infer IN=... OUT=... | evaluate DATA=... PRED=...'
+	@echo 'make demo | test | setup | lint | train DATA=... [KIND=2d|classifier] | infer IN=... OUT=... | evaluate DATA=... PRED=...'
 	@echo '     report IN=... PRED=... | report-setup | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe | bench-slicewise'
 	@echo '     demo-xray [BUDGET=1] | demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package'
 	@echo '     docker-setup | docker-image | docker-test | clean'
@@ -16,8 +16,9 @@ help:
 
 .PHONY: help setup test lint docker-setup docker-image docker-test demo demo-xray demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe bench-slicewise train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
-# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"] [KIND=3d|2d]`
-# KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml)
+# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"] [KIND=3d|2d|classifier]`
+# KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml); KIND=classifier: the voxel classifier
+# (bundle/configs/classifier.yaml)
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
 DATASET ?= brain
 DATASETS := brain abdom xray
@@ -131,7 +132,7 @@ train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
 	$(check_dataset)
 	$(PY) -m scripts.training --config_file bundle/configs/common.yaml bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
-		$(if $(filter 2d,$(KIND)),bundle/configs/slicewise.yaml) --output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
+		$(if $(filter 2d,$(KIND)),bundle/configs/slicewise.yaml) $(if $(filter classifier,$(KIND)),bundle/configs/classifier.yaml) --output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
 
 # `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample|both] [MODELS=runs/models]`

@@ -5,7 +5,7 @@ Run from the repository root (``make bench-quality [MODELS=runs/models]``)::
     PYTHONPATH=bundle:. .venv/bin/python bench/bench_quality.py [--models_dir bundle/models | --models NAME=DIR ...]
         [--datasets brain abdom] [--size 256] [--cases 20] [--gorilla 6] [--train 10]
         [--conventions mood raw] [--seed 2026] [--variability cohort|phantom] [--work_dir outputs/bench-quality]
-        [--json PATH]
+        [--json PATH] [--reuse_data]
 
 For each dataset it generates, with the toy generator (``tools.toy_data``) and a seed no training run uses:
 
@@ -182,7 +182,7 @@ def evaluate_dataset(data_dir: Path, dataset: str, cases: dict, folders: dict[st
 
 
 def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_cases: int, n_gorilla: int, n_train: int,
-        conventions, seed: int, rescore: bool = False, variability: str = "cohort") -> dict:
+        conventions, seed: int, rescore: bool = False, variability: str = "cohort", reuse_data: bool = False) -> dict:
     """``models``: name -> models folder (one unnamed ``{"": folder}``, or several named sets), or one folder."""
     if isinstance(models, (str, Path)):
         models = {"": Path(models)}
@@ -199,12 +199,20 @@ def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_c
             methods = evaluate_dataset(data_dir, dataset, cases, folders, work_dir / "predictions" / dataset, models)
             result["datasets"][dataset] = {"methods": methods}
             continue
-        if data_dir.exists():
-            shutil.rmtree(data_dir)
         started = time.perf_counter()
-        written = write_toy_dataset(work_dir / "data", dataset, n_train=n_train, n_toy=n_cases, size=size,
-                                    seed=seed, n_gorilla=n_gorilla, variability=variability)
-        folders = write_conventions(data_dir, dataset, conventions)
+        settings_file = data_dir / "settings.json"
+        wanted = {"size": size, "cases": n_cases, "gorilla": n_gorilla, "train": n_train, "seed": seed,
+                  "variability": variability, "conventions": sorted(conventions)}
+        if reuse_data and settings_file.is_file() and json.loads(settings_file.read_text()) == wanted:
+            written = {"cases": json.loads((data_dir / "toy_label" / "anomalies.json").read_text())["cases"]}
+            folders = {c: data_dir / f"cases_{c}" for c in conventions}
+        else:
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            written = write_toy_dataset(work_dir / "data", dataset, n_train=n_train, n_toy=n_cases, size=size,
+                                        seed=seed, n_gorilla=n_gorilla, variability=variability)
+            folders = write_conventions(data_dir, dataset, conventions)
+            settings_file.write_text(json.dumps(wanted))
         generated = time.perf_counter() - started
         predictions = work_dir / "predictions" / dataset
         seconds = {}
@@ -274,6 +282,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--from_json", type=Path, default=None, help="print the tables of an earlier run, run nothing")
     parser.add_argument("--rescore", action="store_true", help="score an earlier run's data and predictions again")
+    parser.add_argument("--reuse_data", action="store_true",
+                        help="score the models on the cases an earlier run generated with the same settings")
     args = parser.parse_args(argv)
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
@@ -286,7 +296,8 @@ def main(argv=None) -> dict:
             parser.error("--models takes NAME=DIR entries, e.g. 3d=runs/models")
         models = {name: Path(folder).resolve() for name, _, folder in pairs}
     result = run(models, args.work_dir.resolve(), args.datasets, args.size, args.cases,
-                 args.gorilla, args.train, args.conventions, args.seed, args.rescore, args.variability)
+                 args.gorilla, args.train, args.conventions, args.seed, args.rescore, args.variability,
+                 args.reuse_data)
     if args.rescore and args.json.is_file():  # the timings of the run that made the predictions
         earlier = json.loads(args.json.read_text()).get("datasets", {})
         for dataset, entry in result["datasets"].items():

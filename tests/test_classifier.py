@@ -1,0 +1,192 @@
+"""The voxel classifier: its feature bank, its training through the repository's command (plan, folds, files with
+their SHA-256), inference in every mode through the same commands as the networks, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.classifier.features import FEATURE_GROUPS, FeatureBank, NormativeStatistics, feature_settings
+from tests.conftest import textured_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [str(ROOT / "bundle/configs" / n) for n in ("common.yaml", "train.yaml", "brain.yaml", "classifier.yaml")]
+TINY = ["--spatial_size", "[32,32,32]", "--classifier_samples", "4", "--classifier_voxels_per_sample", "400",
+        "--max_val_samples", "6", "--classifier_val_maps", "3", "--num_workers", "0"]
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "bundle")}
+
+
+def normalised(seed: int, spatial=(24, 26, 22)) -> np.ndarray:
+    image, foreground = textured_scan(spatial, seed)
+    image = image[0].numpy()
+    return (image - image[foreground.numpy()].mean()) / image[foreground.numpy()].std()
+
+
+def test_features_are_deterministic_named_and_follow_the_groups():
+    image = normalised(0)
+    settings = feature_settings()
+    normative = NormativeStatistics.from_scans([normalised(s) for s in (1, 2, 3)], settings)
+    bank = FeatureBank(settings)
+    rows = bank.rows(bank.shared(image), normative)
+    again = FeatureBank(settings).rows(FeatureBank(settings).shared(image.copy()), normative)
+    assert rows.dtype == np.float32 and rows.shape[1] == len(bank.names()) == 22
+    assert np.array_equal(rows, again) and np.isfinite(rows).all()
+    assert all(rows[:, i].std() > 0 for i in range(rows.shape[1]))  # every feature says something here
+    for left_out in FEATURE_GROUPS:
+        groups = [g for g in FEATURE_GROUPS if g != left_out]
+        smaller = FeatureBank(feature_settings(groups))
+        kept = [bank.names().index(n) for n in smaller.names()]
+        assert len(kept) < rows.shape[1]
+        np.testing.assert_array_equal(smaller.rows(smaller.shared(image), normative), rows[:, kept])
+    with pytest.raises(ValueError, match="subset of"):
+        feature_settings(["texture", "colour"])
+    with pytest.raises(ValueError, match="normals' statistics"):
+        bank.rows(bank.shared(image))
+
+
+def test_features_follow_the_anatomy_wherever_it_lies_in_the_grid():
+    """The box, mirror, normative and position features are the anatomy's: the same scan placed elsewhere in another
+    grid gets the same rows (the half-resolution entropy and edge distance up to their resampling)."""
+    bank = FeatureBank(feature_settings())
+    image = normalised(4)
+    normative = NormativeStatistics.from_scans([normalised(s) for s in (1, 2)], bank.settings)
+    rows = []
+    for grid, offset in (((36, 36, 36), (4, 6, 6)), ((40, 38, 42), (8, 4, 10))):
+        placed = np.full(grid, image.min(), np.float32)
+        placed[tuple(slice(o, o + n) for o, n in zip(offset, image.shape))] = image
+        rows.append(bank.rows(bank.shared(placed), normative))
+    assert rows[0].shape == rows[1].shape
+    resampled = [bank.names().index(n) for n in ("entropy_2", "edge_distance")]
+    exact = [i for i in range(rows[0].shape[1]) if i not in resampled]
+    np.testing.assert_allclose(rows[0][:, exact], rows[1][:, exact], atol=1e-4)
+    np.testing.assert_allclose(rows[0][:, resampled].mean(0), rows[1][:, resampled].mean(0), rtol=0.05, atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def trained(normal_scans, tmp_path_factory):
+    """The classifier trained through ``scripts.training`` on ten tiny brain normals (every fold, calibrated)."""
+    run = tmp_path_factory.mktemp("classifier") / "run"
+    command = [sys.executable, "-m", "scripts.training", "--config_file", *CONFIGS, "--output_dir", str(run),
+               "--dataset_dir", str(normal_scans["brain"]), "--cache_dir", str(run.parent / "cache"), *TINY]
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run / "models"
+
+
+def test_training_writes_the_plan_the_folds_and_their_hashes(trained):
+    folder = trained / "brain"
+    plan = json.loads((folder / "plans.json").read_text())
+    assert plan["network"] is None
+    record = plan["classifier"]
+    assert record["features"]["groups"] == list(FEATURE_GROUPS) and record["features"]["version"] == 1
+    assert record["learner"]["library"] == "lightgbm"
+    folds = [f["fold"] for f in plan["split"]["model_folds"]]
+    assert len(folds) == 5
+    import hashlib
+
+    for k in folds:
+        for name in (f"classifier_{k}.txt", f"normative_{k}.npz"):
+            assert record["files"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        fold = json.loads((folder / f"fold_{k}.json").read_text())
+        assert fold["kind"] == "voxel_classifier" and 0 <= fold["best_metric"] <= 1
+        assert set(fold["split"]["val_tasks"]).isdisjoint(fold["split"]["train_tasks"])
+        assert (folder / f"classifier_{k}.txt").read_text().startswith("tree")  # LightGBM's text model
+    assert plan["operating_points"]["sample"]["thresholds"]
+
+
+def predict(models: Path, inputs: Path, output: Path, mode: str, check: bool = True):
+    result = subprocess.run([sys.executable, "-m", "scripts.predict", "-i", str(inputs), "-o", str(output), "-d",
+                             "brain", "-m", str(models), "--mode", mode], env=environment(), capture_output=True,
+                            text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_predict_in_every_mode_and_the_same_maps_in_any_intensity_convention(trained, normal_scans, tmp_path):
+    source = nib.load(sorted(Path(normal_scans["brain"]).glob("*.nii.gz"))[0])
+    volume = np.asanyarray(source.dataobj).astype(np.float64)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, convert in {"unit": lambda x: x, "scanner": lambda x: x * 1000 + 100,
+                          "affine": lambda x: x * 3 + 100}.items():
+        nib.save(nib.Nifti1Image(convert(volume).astype(np.float32), source.affine), inputs / f"{name}.nii.gz")
+    written = {}
+    for mode in ("pixel", "sample", "both"):
+        predict(trained, inputs, tmp_path / mode, mode)
+        written[mode] = {p.name: p.read_bytes() for p in (tmp_path / mode).iterdir()}
+    assert written["both"] == {**written["pixel"], **written["sample"]}
+    names = ("unit", "scanner", "affine")
+    maps = {n: np.asanyarray(nib.load(tmp_path / "pixel" / f"{n}.nii.gz").dataobj) for n in names}
+    assert maps["unit"].shape == volume.shape and maps["unit"].std() > 0
+    assert 0 <= maps["unit"].min() and maps["unit"].max() <= 1
+    for name in ("scanner", "affine"):
+        np.testing.assert_allclose(maps[name], maps["unit"], atol=2e-3, err_msg=name)
+    scores = {n: float((tmp_path / "sample" / f"{n}.nii.gz.txt").read_text()) for n in names}
+    assert max(scores.values()) - min(scores.values()) < 2e-3
+
+
+@pytest.mark.parametrize("name", ["classifier_0.txt", "normative_1.npz"])
+def test_a_changed_file_is_refused_and_nothing_is_unpickled(trained, normal_scans, tmp_path, monkeypatch, name):
+    from scripts.classifier.model import load_classifier
+    from scripts.plans import load_plan
+
+    models = tmp_path / "models"
+    shutil.copytree(trained, models)
+    plan = load_plan(models, "brain")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a classifier file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    ensemble = load_classifier(models, "brain", plan)  # reads every file without unpickling anything
+    assert len(ensemble.folds) == 5
+    path = models / "brain" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{name}.*refused.*SHA-256"):
+        load_classifier(models, "brain", plan)
+    monkeypatch.undo()
+    result = predict(models, Path(normal_scans["brain"]), tmp_path / "out", "sample", check=False)
+    assert result.returncode != 0 and "refused" in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_partial_classifier_ensemble_is_refused_unless_allowed(trained, tmp_path):
+    from scripts.classifier.model import load_classifier
+    from scripts.plans import load_plan
+
+    models = tmp_path / "models"
+    shutil.copytree(trained, models)
+    (models / "brain" / "classifier_3.txt").unlink()
+    plan = load_plan(models, "brain")
+    with pytest.raises(ValueError, match=r"4 of the 5 classifier folds .*\[3\] missing"):
+        load_classifier(models, "brain", plan)
+    assert len(load_classifier(models, "brain", plan, allow_partial=True).folds) == 4
+
+
+def test_the_ensemble_keeps_the_batch_contract(trained):
+    from scripts.classifier.model import load_classifier
+    from scripts.plans import load_plan
+
+    ensemble = load_classifier(trained, "brain", load_plan(trained, "brain"))
+    batch = torch.from_numpy(np.stack([normalised(5, (32, 32, 32)), normalised(6, (32, 32, 32))]))[:, None]
+    out = ensemble(batch)
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert torch.equal(out[1:], ensemble(batch[1:]))  # each scan of a batch alone
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
