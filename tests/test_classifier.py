@@ -190,3 +190,51 @@ def test_the_ensemble_keeps_the_batch_contract(trained):
     assert out.shape == batch.shape and out.dtype == torch.float32
     assert torch.equal(out[1:], ensemble(batch[1:]))  # each scan of a batch alone
     assert 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_fusion_is_chosen_on_the_validation_recorded_and_applied(trained, normal_scans, tmp_path):
+    """Training with --classifier_fuse_with scores each fold's validation with that fold's network too and records
+    the best candidate; inference applies the plan's fusion: a weighted mean of the two ensembles' maps."""
+    from scripts.classifier.fusion import CANDIDATES, candidate_name
+    from scripts.networks import build_network
+    from scripts.plans import default_plan, ensure_plan, load_plan
+
+    networks = tmp_path / "networks"
+    plan = default_plan("brain", spatial_size=[32, 32, 32])
+    plan["split"] = load_plan(trained, "brain")["split"]  # networks trained on the same tasks per fold
+    ensure_plan(networks / "brain", plan)
+    for k in range(5):
+        torch.manual_seed(k)
+        torch.save(build_network(plan).state_dict(), networks / "brain" / f"fold_{k}.pt")
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "scripts.training", "--config_file", *CONFIGS, "--output_dir", str(run),
+               "--dataset_dir", str(normal_scans["brain"]), "--cache_dir", str(tmp_path / "cache"), *TINY,
+               "--classifier_fuse_with", str(networks), "--no_calibration"]
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    folder = run / "models" / "brain"
+    fused = json.loads((folder / "plans.json").read_text())
+    fusion = fused["fusion"]
+    folds = [json.loads((folder / f"fold_{k}.json").read_text())["fusion_validation"] for k in range(5)]
+    means = {candidate_name(m, w): np.mean([f[candidate_name(m, w)] for f in folds]) for m, w in CANDIDATES}
+    assert means[candidate_name(fusion["method"], fusion["classifier_weight"])] == pytest.approx(max(means.values()))
+    assert fusion["networks_kept"] == (fusion["classifier_weight"] != 1.0)
+    assert (fused["network"] is not None) == fusion["networks_kept"]
+
+    # applied: with the networks kept at weight 0.5, the map is the mean of the two kinds' maps
+    variants = {"fused": tmp_path / "fused", "classifier_alone": tmp_path / "classifier_alone", "networks": networks}
+    for name, network in (("fused", plan["network"]), ("classifier_alone", None)):
+        folder = variants[name] / "brain"
+        shutil.copytree(run / "models" / "brain", folder)
+        for k in range(5):
+            shutil.copyfile(networks / "brain" / f"fold_{k}.pt", folder / f"fold_{k}.pt")
+        edited = json.loads((folder / "plans.json").read_text())
+        edited["network"] = network
+        edited["fusion"] = {**fusion, "method": "weighted_mean", "classifier_weight": 0.5}
+        (folder / "plans.json").write_text(json.dumps(edited))
+    maps = {}
+    for name, models in variants.items():
+        predict(models, Path(normal_scans["brain"]), tmp_path / f"out_{name}", "pixel")
+        maps[name] = np.asanyarray(nib.load(sorted((tmp_path / f"out_{name}").glob("*.nii.gz"))[0]).dataobj)
+    np.testing.assert_allclose(maps["fused"], (maps["classifier_alone"] + maps["networks"]) / 2, atol=2e-3)
+    assert np.abs(maps["classifier_alone"] - maps["networks"]).max() > 0.05  # the kinds differ: the mean says something

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.classifier.features import FeatureBank, NormativeStatistics, scored_voxels, sha256_of
+from scripts.classifier.features import FeatureBank, NormativeStatistics, foreground_of, scored_voxels, sha256_of
+from scripts.classifier.fusion import CANDIDATES, candidate_name, fuse
 from scripts.classifier.model import VoxelClassifierEnsemble, classifier_files, load_booster
 from scripts.io.files import save_json, write_atomically
 from scripts.training.metrics import PixelAveragePrecision, SampleAveragePrecision
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 LEARNER_DEFAULTS = {"objective": "cross_entropy", "learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 200,
                     "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
                     "max_bin": 255, "num_boost_round": 400, "early_stopping_rounds": 40}
+
+
+# the share of a sample's normal rows drawn from the background inside the foreground box (the map must be 0 there
+# too, but telling air from tissue is easy)
+BACKGROUND_SHARE = 0.1
 
 
 def learner_record(**overrides) -> dict:
@@ -56,14 +62,19 @@ def _array(value) -> np.ndarray:
 def sample_rows(bank: FeatureBank, image, label, normative: NormativeStatistics, count: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``count`` rows of one synthetic sample: half of its anomalous voxels (label above 0), half of its normal
-    ones, within the foreground box; the targets are the soft labels."""
+    ones (:data:`BACKGROUND_SHARE` of those from the foreground box's background, the rest from the foreground:
+    where the anomalies are, so that telling them apart is what the trees learn); the targets are the soft labels."""
     image, label = _array(image).astype(np.float32), _array(label).astype(np.float32).reshape(-1)
     box_voxels, _ = scored_voxels(image, bank.settings)
-    positive = box_voxels[label[box_voxels] > 0]
-    negative = box_voxels[label[box_voxels] == 0]
+    foreground = foreground_of(image, bank.settings["foreground_fraction"]).reshape(-1)[box_voxels]
+    normal = label[box_voxels] == 0
+    positive = box_voxels[~normal]
     take_positive = min(len(positive), count // 2)
-    chosen = np.concatenate([rng.choice(positive, take_positive, replace=False) if take_positive else positive[:0],
-                             rng.choice(negative, min(len(negative), count - take_positive), replace=False)])
+    chosen = [rng.choice(positive, take_positive, replace=False)]
+    for pool, share in ((box_voxels[normal & ~foreground], BACKGROUND_SHARE),
+                        (box_voxels[normal & foreground], 1 - BACKGROUND_SHARE)):
+        chosen.append(rng.choice(pool, min(len(pool), int(round((count - take_positive) * share))), replace=False))
+    chosen = np.concatenate(chosen)
     chosen.sort()
     shared = bank.shared(image, chosen)
     return bank.rows(shared, normative), label[chosen]
@@ -88,18 +99,22 @@ def _balanced_weights(targets: np.ndarray) -> np.ndarray:
     return weights
 
 
-def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise, classifier: Mapping,
+def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise, plan: Mapping,
                ensemble_dir: str | Path, fold: int, samples: int = 60, voxels_per_sample: int = 4000,
-               val_maps: int = 20, seed: int = 0, sample_score_method: Mapping | None = None,
+               val_maps: int = 20, seed: int = 0, fuse_with: str | Path | None = None,
                threads: int | None = None) -> dict:
     """Train model fold ``fold``: the normals' statistics from ``normals`` (its training data folds, preprocessed;
     ``normalise`` as the plan says), rows from ``samples`` items of ``train_dataset`` (its training tasks), early
     stopping on rows of ``val_dataset`` (its held-out tasks), the pixel and sample AP of the first ``val_maps``
     validation samples' whole maps. Writes ``classifier_<k>.txt``, ``normative_<k>.npz`` and returns the fold's
-    result (files with their SHA-256, validation, timings) for ``fold_<k>.json``."""
+    result (files with their SHA-256, validation, timings) for ``fold_<k>.json``. ``fuse_with``: a models folder
+    of networks trained on the same tasks, whose fold ``fold`` also scores the validation maps, fused with the
+    classifier's by every candidate of :mod:`scripts.classifier.fusion` (``fusion_validation``)."""
     import lightgbm
 
     start = time.perf_counter()
+    classifier, sample_score_method = plan["classifier"], plan["sample_score"]
+    network, network_inferer = _network_fold(plan, fuse_with, fold) if fuse_with else (None, None)
     threads = threads or torch.get_num_threads()
     bank = FeatureBank(classifier["features"])
     folder = Path(ensemble_dir)
@@ -135,12 +150,19 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
                                                NormativeStatistics.load(folder / normative_name, normative_sha))])
     pixel = PixelAveragePrecision()
     sample = SampleAveragePrecision(sample_score_method or 1e-2)
+    fused = {candidate_name(m, w): PixelAveragePrecision() for m, w in CANDIDATES} if network is not None else {}
     for i in val_indices[:val_maps]:
         item = val_dataset[i]
-        prediction = torch.from_numpy(ensemble.scan_map(_array(item["image"]).astype(np.float32)))
+        image = _array(item["image"]).astype(np.float32)
+        prediction = torch.from_numpy(ensemble.scan_map(image))
         label = torch.as_tensor(_array(item["label"]))[None]
         pixel.update(([prediction], [label]))
         sample.update(([prediction], [label]))
+        if network is not None:
+            with torch.no_grad():
+                network_map = torch.sigmoid(network_inferer(torch.from_numpy(image)[None, None], network).float())[0]
+            for (method, weight), metric in zip(CANDIDATES, fused.values()):
+                metric.update(([fuse(prediction, network_map, method, weight)], [label]))
     importance = booster.feature_importance("gain", iteration=booster.best_iteration)
     result = {
         "kind": "voxel_classifier",
@@ -148,6 +170,7 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
         "pixel_ap": pixel.compute(),
         "sample_ap": sample.compute(),
         "val_samples": min(val_maps, len(val_indices)),
+        **({"fusion_validation": {n: m.compute() for n, m in fused.items()}} if fused else {}),
         "best_iteration": int(booster.best_iteration or rounds),
         "train_rows": int(len(y_train)),
         "feature_importance": {n: round(float(v) / max(float(importance.sum()), 1e-12), 4)
@@ -158,6 +181,20 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     logger.info("classifier fold %d: validation pixel AP %.3f, sample AP %.3f (%d trees, %.0f s)", fold,
                 result["pixel_ap"], result["sample_ap"], result["best_iteration"], result["seconds"]["total"])
     return result
+
+
+def _network_fold(plan: Mapping, networks_dir: str | Path, fold: int):
+    """Network fold ``fold`` of the models folder ``networks_dir`` (checked to fit the classifier's plan), in eval
+    mode, with the inferer its plan says."""
+    from scripts.classifier.fusion import check_fusable
+    from scripts.inference.ensemble import load_fold
+    from scripts.networks import build_network, inferer_for
+    from scripts.plans import load_plan
+
+    networks_plan = load_plan(networks_dir, plan["dataset"])
+    check_fusable(plan, networks_plan, Path(networks_dir) / plan["dataset"])
+    path = Path(networks_dir) / plan["dataset"] / f"fold_{fold}.pt"
+    return load_fold(build_network(networks_plan), path, "pytorch").eval(), inferer_for(networks_plan)
 
 
 def save_fold_result(ensemble_dir, fold: int, split, dataset_dir, result: Mapping, recipe: Mapping) -> dict:

@@ -161,11 +161,15 @@ def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset:
     their exports ``fold_<k>.ts`` (TorchScript) or ``fold_<k>.onnx`` (onnxruntime). With the models' ``plan``,
     an ensemble missing some of the plan's folds is refused unless ``allow_partial`` (:func:`check_folds`).
     ``flip_axes``: test-time flips (:class:`Ensemble`). A plan of voxel classifiers gives their fold ensemble
-    (:func:`scripts.classifier.model.load_classifier`; they have no exports: their own files in any format)."""
-    if plan is not None and plan.get("classifier") and plan.get("network") is None:
+    (:func:`scripts.classifier.model.load_classifier`; they have no exports: their own files in any format), and a
+    plan of both their fusion (:class:`scripts.classifier.fusion.FusedEnsemble`)."""
+    classifier = None
+    if plan is not None and plan.get("classifier"):
         from scripts.classifier.model import load_classifier
 
-        return load_classifier(models_dir, dataset, plan, allow_partial).to(device)
+        classifier = load_classifier(models_dir, dataset, plan, allow_partial).to(device)
+        if plan.get("network") is None:
+            return classifier
     files = model_files(models_dir, dataset, model_format)
     check_folds(files, plan, allow_partial)
     networks = []
@@ -175,4 +179,10 @@ def load_ensemble(network_def: torch.nn.Module, models_dir: str | Path, dataset:
             logger.warning("%s is older than %s: re-export with 'make export'", path, state_dict.name)
         networks.append(load_fold(network_def, path, model_format, device))
     logger.info("ensemble of %d %s fold models from %s", len(networks), model_format, Path(models_dir) / dataset)
-    return Ensemble(networks, flip_axes).to(device).eval()
+    ensemble = Ensemble(networks, flip_axes).to(device).eval()
+    if classifier is None:
+        return ensemble
+    from scripts.classifier.fusion import FusedEnsemble
+
+    fusion = plan.get("fusion") or {}
+    return FusedEnsemble(classifier, ensemble, fusion.get("method"), fusion.get("classifier_weight")).eval()

@@ -212,6 +212,11 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     classifier_files = {k: v for r in records if r.get("exit_code") == 0 for k, v in (r.get("files") or {}).items()}
     if classifier_files:  # inference refuses classifier files the plan does not record
         record_classifier_files(ensemble_dir, classifier_files)
+    fused = [r for r in records if r.get("exit_code") == 0 and "fusion_validation" in r]
+    if fused and not failed:
+        from scripts.classifier.fusion import record_fusion
+
+        record_fusion(ensemble_dir, fused, Path(fused[0]["recipe"]["fuse_with"]) / dataset)
     if failed:
         raise RuntimeError(f"folds {failed} failed; see the logs above and {ensemble_dir / 'summary.json'}")
     if calibrate:

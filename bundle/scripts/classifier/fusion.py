@@ -1,0 +1,112 @@
+"""Fusion of the voxel classifier with fold networks in one models folder: the combination of the two maps and its
+weight are chosen on the synthetic validation of training (each model fold's held-out tasks, scored by that fold's
+classifier and by the network fold trained on the same tasks) and recorded in the plan's ``fusion``.
+
+    make train DATA=DIR DATASET=brain KIND=classifier ARGS="--classifier_fuse_with bundle/models --foreign_dir ..."
+
+Each classifier fold scores its validation samples with every candidate (:data:`CANDIDATES`: weighted means of the
+two maps with the classifier's weight 0 to 1, and their maximum); training records the candidate with the highest
+mean pixel AP over the folds. A weight of 1 keeps the classifier alone (the networks are not copied); otherwise the
+networks' fold files join the folder and the plan's ``network`` names them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from scripts.io.files import load_json, save_json
+from scripts.plans import PLAN_FILE
+
+__all__ = ["CANDIDATES", "FusedEnsemble", "check_fusable", "fuse", "record_fusion"]
+
+logger = logging.getLogger(__name__)
+
+# (method, the classifier's weight): weighted means from the networks alone (0) to the classifier alone (1), and
+# the voxel-wise maximum
+CANDIDATES = (("weighted_mean", 0.0), ("weighted_mean", 0.25), ("weighted_mean", 0.5), ("weighted_mean", 0.75),
+              ("weighted_mean", 1.0), ("max", None))
+
+
+def candidate_name(method: str, weight: float | None) -> str:
+    return "max" if method == "max" else f"weighted_mean_{weight:g}"
+
+
+def fuse(classifier_map: torch.Tensor, network_map: torch.Tensor, method: str, weight: float | None) -> torch.Tensor:
+    """The fused map of the two probability maps."""
+    if method == "max":
+        return torch.maximum(classifier_map, network_map)
+    if method != "weighted_mean" or weight is None or not 0 <= weight <= 1:
+        raise ValueError(f"fusion must be 'max' or 'weighted_mean' with a weight in [0, 1], got {method!r}, {weight}")
+    return weight * classifier_map + (1 - weight) * network_map
+
+
+class FusedEnsemble(torch.nn.Module):
+    """The classifier's and the networks' fold ensembles behind the ensemble's contract, fused as the plan says."""
+
+    def __init__(self, classifier: torch.nn.Module, networks: torch.nn.Module, method: str,
+                 weight: float | None) -> None:
+        super().__init__()
+        fuse(torch.zeros(1), torch.zeros(1), method, weight)  # a bad record fails here, not on the first scan
+        self.classifier, self.networks = classifier, networks
+        self.method, self.weight = method, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fuse(self.classifier(x), self.networks(x), self.method, self.weight)
+
+
+# the plan keys a fused folder's two kinds must share: the same scans, on the same grid, normalised the same way
+_SHARED = ("spatial_size", "foreground_fraction", "normalisation")
+
+
+def check_fusable(plan: Mapping, networks_plan: Mapping, networks_dir: str | Path) -> None:
+    """A clear error unless the networks of ``networks_plan`` can join the classifier of ``plan``: the same working
+    grid, foreground and normalisation, 3D networks on the whole grid, and, for every model fold, the same training
+    tasks (so that each fold's held-out tasks are held out from both)."""
+    where = f"the networks in {str(networks_dir)!r}"
+    if networks_plan.get("network") is None or networks_plan.get("classifier") is not None:
+        raise ValueError(f"{where}: their plan must describe networks alone")
+    differ = [k for k in _SHARED if plan.get(k) != networks_plan.get(k)]
+    if differ:
+        raise ValueError(f"{where} were trained with other {differ} ({[networks_plan.get(k) for k in differ]}); the "
+                         f"classifier has {[plan.get(k) for k in differ]}: train it with theirs")
+    if networks_plan.get("slice_axis") is not None or networks_plan.get("patch_size") is not None:
+        raise ValueError(f"{where}: fusion takes 3D networks on the whole working grid")
+    ours = [f["train_tasks"] for f in (plan.get("split") or {}).get("model_folds", [])]
+    theirs = [f["train_tasks"] for f in (networks_plan.get("split") or {}).get("model_folds", [])]
+    if ours != theirs:
+        raise ValueError(f"{where} were trained on the tasks {theirs} per fold, the classifier on {ours}: their "
+                         "held-out tasks differ (give training the networks' tasks, e.g. --foreign_dir for "
+                         "poisson_inter)")
+
+
+def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks_dir: str | Path) -> dict:
+    """Choose the candidate with the highest mean validation pixel AP over the folds' ``fusion_validation`` and
+    record it in the plan; copy the networks' fold files in unless the classifier alone wins."""
+    ensemble_dir, networks_dir = Path(ensemble_dir), Path(networks_dir)
+    names = [candidate_name(m, w) for m, w in CANDIDATES]
+    means = {n: sum(r["fusion_validation"][n] for r in records) / len(records) for n in names}
+    best = max(names, key=lambda n: (means[n], n == "weighted_mean_1"))  # a tie keeps the classifier alone
+    method, weight = CANDIDATES[names.index(best)]
+    path = ensemble_dir / PLAN_FILE
+    plan = load_json(path)
+    networks_plan = load_json(networks_dir / PLAN_FILE)
+    keep = best != "weighted_mean_1"
+    if keep:
+        for record in records:
+            source = networks_dir / f"fold_{record['fold']}.pt"
+            shutil.copyfile(source, ensemble_dir / source.name)
+        plan["network"] = networks_plan["network"]
+    plan["fusion"] = {"method": method, "classifier_weight": weight, "networks_kept": keep,
+                      "networks": {"plan_versions": networks_plan.get("versions"),
+                                   "folds": [f"fold_{r['fold']}.pt" for r in records]},
+                      "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
+    save_json(plan, path)
+    logger.info("fusion chosen on the synthetic validation: %s (mean pixel AP %.3f; classifier alone %.3f, networks "
+                "alone %.3f)%s", best, means[best], means["weighted_mean_1"], means["weighted_mean_0"],
+                "" if keep else ": the networks are not kept")
+    return plan["fusion"]
