@@ -42,7 +42,7 @@ def test_features_are_deterministic_named_and_follow_the_groups():
     bank = FeatureBank(settings)
     rows = bank.rows(bank.shared(image), normative)
     again = FeatureBank(settings).rows(FeatureBank(settings).shared(image.copy()), normative)
-    assert rows.dtype == np.float32 and rows.shape[1] == len(bank.names()) == 22
+    assert rows.dtype == np.float32 and rows.shape[1] == len(bank.names()) == 25
     assert np.array_equal(rows, again) and np.isfinite(rows).all()
     assert all(rows[:, i].std() > 0 for i in range(rows.shape[1]))  # every feature says something here
     for left_out in FEATURE_GROUPS:

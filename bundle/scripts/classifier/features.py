@@ -4,8 +4,11 @@ working grid, in four groups that the plan names (and a study leaves out one at 
 - ``texture``: the intensity at several Gaussian scales, differences of Gaussians (band-pass), the Laplacian and
   the gradient magnitude, the Hessian's eigenvalues (blob and sheet shapes), the local standard deviation at two
   scales and the local entropy of the intensity histogram;
-- ``normative``: z-scores of the smoothed intensity against the voxel-wise mean and standard deviation of the
-  training normals (:class:`NormativeStatistics`), on a common grid after aligning every scan's foreground box;
+- ``normative``: z-scores of the smoothed intensity and of the local standard deviation against their voxel-wise
+  mean and standard deviation over the training normals (:class:`NormativeStatistics`), on a common grid after
+  aligning every scan's foreground box; their absolute values enter the trees under a monotone constraint (the
+  further from the normals, the more anomalous), so that a deviation larger than any training sample showed still
+  scores high;
 - ``mirror``: the difference between a voxel and its left-right mirror about the foreground box's centre (axis 0
   of the RAS working grid), at two scales: for anatomy that is symmetric;
 - ``position``: the voxel's place in the foreground box (three coordinates in [0, 1]) and its distance to the
@@ -97,31 +100,35 @@ def _resized(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 class NormativeStatistics:
     """Voxel-wise mean and standard deviation of the training normals' intensity, smoothed at the bank's middle scale,
-    on a common grid: each scan's foreground box resampled to ``grid`` (the alignment: the box; recorded in the plan).
-    Stored as a compact ``.npz`` of two float16 arrays, read without unpickling and checked against its SHA-256."""
+    and of their local standard deviation at that scale, on a common grid: each scan's foreground box resampled to
+    ``grid`` (the alignment: the box; recorded in the plan). Stored as a compact ``.npz`` of four float16 arrays,
+    read without unpickling and checked against its SHA-256."""
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
-        self.mean = np.asarray(mean, np.float32)
+    def __init__(self, mean: np.ndarray, std: np.ndarray, texture_mean: np.ndarray, texture_std: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float32)  # of the intensity smoothed at the middle scale
         self.std = np.asarray(std, np.float32)
+        self.texture_mean = np.asarray(texture_mean, np.float32)  # of the local standard deviation there
+        self.texture_std = np.asarray(texture_std, np.float32)
 
     @classmethod
     def from_scans(cls, images: Sequence[np.ndarray], settings: Mapping) -> NormativeStatistics:
         grid = settings["normative_grid"]
-        total = np.zeros(grid, np.float64)
-        squares = np.zeros(grid, np.float64)
+        total = np.zeros((2, *grid), np.float64)
+        squares = np.zeros((2, *grid), np.float64)
         for image in images:
             _, box = scored_voxels(image, settings)
-            smooth = ndi.gaussian_filter(np.asarray(image, np.float32), settings["scales"][1], mode="nearest")
-            aligned = _resized(smooth[box], grid).astype(np.float64)
+            smooth, local_std = _smooth_and_local_std(np.asarray(image, np.float32), settings["scales"][1])
+            aligned = np.stack([_resized(v[box], grid) for v in (smooth, local_std)]).astype(np.float64)
             total += aligned
             squares += aligned**2
         count = max(len(images), 1)
         mean = total / count
-        return cls(mean, np.sqrt(np.maximum(squares / count - mean**2, 0.0)))
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        return cls(mean[0], std[0], mean[1], std[1])
 
-    def in_box(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The mean and standard deviation resampled onto a foreground box of ``shape``."""
-        return _resized(self.mean, shape), _resized(self.std, shape)
+    def in_box(self, shape: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """The four statistics resampled onto a foreground box of ``shape``."""
+        return tuple(_resized(v, shape) for v in (self.mean, self.std, self.texture_mean, self.texture_std))
 
     def save(self, path: str | Path) -> str:
         """Write the file (float16) and return its SHA-256."""
@@ -129,7 +136,7 @@ class NormativeStatistics:
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, mean=self.mean.astype(np.float16), std=self.std.astype(np.float16))
+                np.savez_compressed(f, **{k: getattr(self, k).astype(np.float16) for k in _STATISTICS})
 
         write_atomically(path, write)
         return sha256_of(path)
@@ -139,7 +146,20 @@ class NormativeStatistics:
         """Read ``path`` if its SHA-256 is ``sha256`` (never unpickled: ``allow_pickle=False``)."""
         check_sha256(path, sha256)
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["mean"], data["std"])
+            missing = sorted(set(_STATISTICS) - set(data.files))
+            if missing:
+                raise ValueError(f"{str(path)!r} lacks the statistics {missing}")
+            return cls(*(data[k] for k in _STATISTICS))
+
+
+_STATISTICS = ("mean", "std", "texture_mean", "texture_std")
+
+
+def _smooth_and_local_std(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image smoothed at ``sigma`` and its local standard deviation there."""
+    smooth = ndi.gaussian_filter(image, sigma, mode="nearest", truncate=3.0)
+    second = ndi.gaussian_filter(image * image, sigma, mode="nearest", truncate=3.0)
+    return smooth, np.sqrt(np.maximum(second - smooth * smooth, 0.0))
 
 
 def sha256_of(path: str | Path) -> str:
@@ -195,12 +215,17 @@ class FeatureBank:
                       f"hessian_{middle}_mid", f"hessian_{middle}_high", f"std_{middle}", f"std_{coarse}",
                       f"entropy_{middle}"]
         if "normative" in self.groups:
-            names += [f"z_{fine}", f"z_{middle}"]
+            names += [f"z_{fine}", f"z_{middle}", f"abs_z_{middle}", f"z_std_{middle}", f"abs_z_std_{middle}"]
         if "mirror" in self.groups:
             names += [f"mirror_{fine}", f"mirror_{coarse}"]
         if "position" in self.groups:
             names += ["box_0", "box_1", "box_2", "edge_distance"]
         return names
+
+    def monotone(self) -> list[int]:
+        """LightGBM's monotone constraints, in :meth:`names` order: the map never falls as a voxel's distance from
+        the normals (the absolute z-scores) grows."""
+        return [1 if name.startswith("abs_z") else 0 for name in self.names()]
 
     def shared(self, image: np.ndarray | torch.Tensor, voxels: np.ndarray | None = None) -> dict:
         """Everything but the normative features of ``image`` (spatial, or (1, *spatial)) at ``voxels`` (flat
@@ -257,7 +282,10 @@ class FeatureBank:
             columns["edge_distance"] = at(self._edge_distance(image))
         shared = {"columns": columns, "voxels": voxels, "box": box, "shape": image.shape}
         if "normative" in self.groups:
+            local_std = (np.sqrt(np.maximum(second[middle] - smooth[middle] ** 2, 0.0)) if need_texture
+                         else _smooth_and_local_std(image, middle)[1])
             shared["smooth"] = {s: smooth[s][box] for s in (fine, middle)}
+            shared["local_std"] = local_std[box]
         return shared
 
     def rows(self, shared: Mapping, normative: NormativeStatistics | None = None) -> np.ndarray:
@@ -269,13 +297,20 @@ class FeatureBank:
                 raise ValueError("the feature bank has normative features: pass the normals' statistics")
             box, shape, voxels = shared["box"], shared["shape"], shared["voxels"]
             box_shape = tuple(b.stop - b.start for b in box)
-            mean, std = normative.in_box(box_shape)
-            std += self.settings["std_floor"]
+            mean, std, texture_mean, texture_std = normative.in_box(box_shape)
+            floor = self.settings["std_floor"]
             fine, middle, _ = self.settings["scales"]
-            for sigma in (fine, middle):
+
+            def z_at(values: np.ndarray, centre: np.ndarray, spread: np.ndarray) -> np.ndarray:
                 z = np.zeros(shape, np.float32)
-                z[box] = (shared["smooth"][sigma] - mean) / std
-                columns[f"z_{sigma:g}"] = z.reshape(-1)[voxels]
+                z[box] = (values - centre) / (spread + floor)
+                return z.reshape(-1)[voxels]
+
+            for sigma in (fine, middle):
+                columns[f"z_{sigma:g}"] = z_at(shared["smooth"][sigma], mean, std)
+            columns[f"abs_z_{middle:g}"] = np.abs(columns[f"z_{middle:g}"])
+            columns[f"z_std_{middle:g}"] = z_at(shared["local_std"], texture_mean, texture_std)
+            columns[f"abs_z_std_{middle:g}"] = np.abs(columns[f"z_std_{middle:g}"])
         names = self.names()
         matrix = np.empty((len(shared["voxels"]), len(names)), np.float32)
         for i, name in enumerate(names):

@@ -133,7 +133,8 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     x_val, y_val = _rows_of(val_dataset, val_indices, bank, normative, max(voxels_per_sample // 4, 200), rng)
     params = dict(classifier["learner"]["params"])
     rounds, patience = params.pop("num_boost_round"), params.pop("early_stopping_rounds")
-    params.update(num_threads=threads, seed=seed + fold, deterministic=True, force_row_wise=True, verbosity=-1)
+    params.update(num_threads=threads, seed=seed + fold, deterministic=True, force_row_wise=True, verbosity=-1,
+                  monotone_constraints=bank.monotone(), monotone_constraints_method="advanced")
     names = bank.names()
     train_set = lightgbm.Dataset(x_train, y_train, weight=_balanced_weights(y_train), feature_name=names,
                                  free_raw_data=True)
