@@ -13,7 +13,7 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$(cd "$(dirname "${BASH_SOURCE[0]}")" 
 
 tag=${1:-localhost/mood-base:bookworm}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-packages=python3,python3-venv,python-is-python3,ca-certificates
+packages=python3,python3-venv,python-is-python3,ca-certificates,libgomp1
 
 if podman image exists "$tag"; then
     echo "make_base_image: $tag exists"

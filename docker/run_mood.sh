@@ -14,8 +14,8 @@
 #
 # Optional environment:
 #   MOOD_PYTHON      the Python to run (default: /opt/venv/bin/python in the image, <repo>/.venv/bin/python)
-#   MOOD_MODELS_DIR  folder with brain/ and abdom/ subfolders of fold_<k>.pt (default: <bundle>/models),
-#                    e.g. runs/models after `make train`; 3D or slice-wise (`make train KIND=2d`) models alike:
+#   MOOD_MODELS_DIR  folder with brain/ and abdom/ subfolders of trained models (default: <bundle>/models),
+#                    e.g. runs/models after `make train`; 3D, slice-wise (KIND=2d) or voxel classifiers alike:
 #                    their plans.json says which
 #   MOOD_ALLOW_PARTIAL_ENSEMBLE=1  score with the folds there are when some of the plan's folds are missing
 #                    (e.g. after `make train ... ARGS="--folds 0"`); default: such a models folder is an error

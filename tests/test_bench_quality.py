@@ -69,6 +69,20 @@ def test_rescoring_an_earlier_run_gives_its_numbers(quality, default_models):
     assert again["datasets"]["brain"]["methods"] == result["datasets"]["brain"]["methods"]
 
 
+def test_reusing_the_data_scores_the_same_cases_again(quality, default_models):
+    """``--reuse_data`` runs the models again on the cases an earlier run with the same settings generated (the
+    varied toy cases are not regenerated), and other settings generate new cases."""
+    work, result = quality
+    case = next((work / "data" / "brain" / "cases_mood").glob("*.nii.gz"))
+    before = case.stat().st_mtime_ns
+    arguments = ["--models_dir", str(default_models), "--datasets", "brain", "--size", "32", "--cases", "4",
+                 "--gorilla", "3", "--train", "2", "--work_dir", str(work), "--json", str(work / "reused.json")]
+    again = bench_quality.main([*arguments, "--reuse_data"])
+    assert case.stat().st_mtime_ns == before
+    assert again["datasets"]["brain"]["methods"] == result["datasets"]["brain"]["methods"]
+    assert result["settings"]["variability"] == "cohort"
+
+
 def test_kind_groups_hold_the_cases_of_that_kind_alone_and_every_normal_case():
     cases = {"toy_0.nii.gz": {"label": 0, "kinds": ["normal"]}, "toy_1.nii.gz": {"label": 1, "kinds": ["tumour"]},
              "toy_2.nii.gz": {"label": 1, "kinds": ["tumour", "spots"]},

@@ -238,3 +238,17 @@ def test_fusion_is_chosen_on_the_validation_recorded_and_applied(trained, normal
         maps[name] = np.asanyarray(nib.load(sorted((tmp_path / f"out_{name}").glob("*.nii.gz"))[0]).dataobj)
     np.testing.assert_allclose(maps["fused"], (maps["classifier_alone"] + maps["networks"]) / 2, atol=2e-3)
     assert np.abs(maps["classifier_alone"] - maps["networks"]).max() > 0.05  # the kinds differ: the mean says something
+
+
+def test_the_study_reads_a_trained_variant(trained):
+    """bench/study_classifier.py's summary of a run: the fold means of the validation the defaults are chosen on."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import study_classifier
+
+    summary = study_classifier.summarise(trained.parent, "brain")
+    folds = [json.loads(p.read_text()) for p in sorted((trained / "brain").glob("fold_*.json"))]
+    assert summary["folds"] == 5
+    assert summary["pixel_ap"] == pytest.approx(np.mean([f["pixel_ap"] for f in folds]))
+    assert [f["val_tasks"] for f in summary["per_fold"]] == [f["val_tasks"] for f in folds]
+    table = study_classifier.table({"variants": {"default": {"arguments": "", **summary, "run_seconds": 12.0}}})
+    assert "| default | `(defaults)` |" in table and f"{summary['pixel_ap']:.3f}" in table

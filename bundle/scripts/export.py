@@ -134,6 +134,9 @@ def export_dataset(models_dir: str | Path, dataset: str, formats: Sequence[str] 
     configs = bundle_configs(bundle_root, "inference", dataset)
     meta_file = Path(bundle_root) / "configs" / "metadata.json"
     plan = load_plan(models_dir, dataset)
+    if plan["network"] is None:
+        raise ValueError(f"the {dataset!r} models in {str(models_dir)!r} are voxel classifiers: they have no export "
+                         "(inference reads their LightGBM text models in every model_format)")
     network_def = build_network(plan)
     spatial_size = list(plan["spatial_size"])
     x = probe_volume(spatial_size)
