@@ -12,11 +12,11 @@ Each variant is ``NAME=<training arguments>`` on top of ``make train DATASET=<da
 repository's own command, ``python -m scripts.training`` with ``bundle/configs/classifier.yaml``), trained into
 ``<work_dir>/<dataset>_<NAME>`` without calibration, all variants sharing one cache of preprocessed scans. A
 variant whose folder holds a finished ``summary.json`` is read, not retrained (``--retrain`` to train it again).
-The table gives, per variant, the mean over the folds of the validation pixel AP and sample AP, the trees, the
-training rows and the wall-clock seconds of the whole run (2 cores: run nothing else meanwhile).
-
-Validation APs compare variants that share the split and validation samples (the same ``num_train_tasks``); a
-variant with another number of training tasks validates on other tasks, so its numbers are only indicative.
+The table gives, per variant, the mean over the folds of the validation pixel AP (pooled over each fold's held-out
+tasks) and sample AP, the trees, the training rows and the wall-clock seconds of the whole run (2 cores: run
+nothing else meanwhile). Pooled APs compare variants that share the split and validation samples (the same
+``num_train_tasks``); "per held-out task" (each task's pixel AP in the folds that held it out, averaged over the
+tasks) also compares variants with other numbers of training tasks.
 """
 
 from __future__ import annotations
@@ -56,7 +56,13 @@ def summarise(folder: Path, dataset: str) -> dict:
     def mean(key):
         return sum(f[key] for f in folds) / len(folds)
 
+    # per task, the mean pixel AP of the folds that held it out; then their mean: comparable across num_train_tasks
+    tasks = sorted({t for f in folds for t in f.get("per_task_pixel_ap", {})})
+    by_task = {t: [f["per_task_pixel_ap"][t] for f in folds if t in f.get("per_task_pixel_ap", {})] for t in tasks}
+    task_means = {t: sum(v) / len(v) for t, v in by_task.items()}
     return {"folds": len(folds), "pixel_ap": mean("pixel_ap"), "sample_ap": mean("sample_ap"),
+            "held_out_task_pixel_ap": task_means,
+            "mean_held_out_task_pixel_ap": sum(task_means.values()) / len(task_means) if task_means else None,
             "trees": mean("best_iteration"), "train_rows": mean("train_rows"),
             "fold_seconds": mean("seconds") if not isinstance(folds[0]["seconds"], dict)
             else sum(f["seconds"]["total"] for f in folds) / len(folds),
@@ -65,11 +71,13 @@ def summarise(folder: Path, dataset: str) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| variant | arguments | val pixel AP | val sample AP | trees | rows per fold | run s |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| variant | arguments | val pixel AP | per held-out task | val sample AP | trees | rows | run s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in result["variants"].items():
-        rows.append(f"| {name} | `{v['arguments'] or '(defaults)'}` | {v['pixel_ap']:.3f} | {v['sample_ap']:.3f} | "
-                    f"{v['trees']:.0f} | {v['train_rows']:.0f} | {v.get('run_seconds') or float('nan'):.0f} |")
+        per_task = v.get("mean_held_out_task_pixel_ap")
+        rows.append(f"| {name} | `{v['arguments'] or '(defaults)'}` | {v['pixel_ap']:.3f} | "
+                    f"{'-' if per_task is None else f'{per_task:.3f}'} | {v['sample_ap']:.3f} | {v['trees']:.0f} | "
+                    f"{v['train_rows']:.0f} | {v.get('run_seconds') or float('nan'):.0f} |")
     return "\n".join(rows)
 
 

@@ -152,13 +152,16 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     pixel = PixelAveragePrecision()
     sample = SampleAveragePrecision(sample_score_method or 1e-2)
     fused = {candidate_name(m, w): PixelAveragePrecision() for m, w in CANDIDATES} if network is not None else {}
+    per_task = {task: PixelAveragePrecision() for task in val_dataset.tasks}
     for i in val_indices[:val_maps]:
         item = val_dataset[i]
+        task = val_dataset.tasks[val_dataset.indices[i] % len(val_dataset.tasks)]  # the fixed set's order
         image = _array(item["image"]).astype(np.float32)
         prediction = torch.from_numpy(ensemble.scan_map(image))
         label = torch.as_tensor(_array(item["label"]))[None]
         pixel.update(([prediction], [label]))
         sample.update(([prediction], [label]))
+        per_task[task].update(([prediction], [label]))
         if network is not None:
             with torch.no_grad():
                 network_map = torch.sigmoid(network_inferer(torch.from_numpy(image)[None, None], network).float())[0]
@@ -171,6 +174,7 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
         "pixel_ap": pixel.compute(),
         "sample_ap": sample.compute(),
         "val_samples": min(val_maps, len(val_indices)),
+        "per_task_pixel_ap": {task: metric.compute() for task, metric in per_task.items()},
         **({"fusion_validation": {n: m.compute() for n, m in fused.items()}} if fused else {}),
         "best_iteration": int(booster.best_iteration or rounds),
         "train_rows": int(len(y_train)),
