@@ -103,6 +103,7 @@ def test_training_writes_the_plan_the_folds_and_their_hashes(trained):
         fold = json.loads((folder / f"fold_{k}.json").read_text())
         assert fold["kind"] == "voxel_classifier" and 0 <= fold["best_metric"] <= 1
         assert set(fold["split"]["val_tasks"]).isdisjoint(fold["split"]["train_tasks"])
+        assert set(fold["per_task_pixel_ap"]) == set(fold["val_tasks"])  # each held-out task on its own
         assert (folder / f"classifier_{k}.txt").read_text().startswith("tree")  # LightGBM's text model
     assert plan["operating_points"]["sample"]["thresholds"]
 
@@ -250,5 +251,8 @@ def test_the_study_reads_a_trained_variant(trained):
     assert summary["folds"] == 5
     assert summary["pixel_ap"] == pytest.approx(np.mean([f["pixel_ap"] for f in folds]))
     assert [f["val_tasks"] for f in summary["per_fold"]] == [f["val_tasks"] for f in folds]
+    task = folds[0]["val_tasks"][0]
+    held_out = [f["per_task_pixel_ap"][task] for f in folds if task in f["val_tasks"]]
+    assert summary["held_out_task_pixel_ap"][task] == pytest.approx(np.mean(held_out))
     table = study_classifier.table({"variants": {"default": {"arguments": "", **summary, "run_seconds": 12.0}}})
     assert "| default | `(defaults)` |" in table and f"{summary['pixel_ap']:.3f}" in table
