@@ -1,12 +1,13 @@
 """Fusion of the voxel classifier with fold networks in one models folder: the combination of the two maps and its
 weight are chosen on the synthetic validation of training (each model fold's held-out tasks, scored by that fold's
-classifier and by the network fold trained on the same tasks) and recorded in the plan's ``fusion``.
+classifier and by the network folds that held the same tasks out) and recorded in the plan's ``fusion``.
 
     make train DATA=DIR DATASET=brain KIND=classifier ARGS="--classifier_fuse_with bundle/models --foreign_dir ..."
 
 Each classifier fold scores its validation samples with every candidate (:data:`CANDIDATES`: weighted means of the
-two maps with the classifier's weight 0 to 1, and their maximum); training records the candidate with the highest
-mean pixel AP over the folds. A weight of 1 keeps the classifier alone (the networks are not copied); otherwise the
+two maps with the classifier's weight 0 to 1, and their maximum), the networks' map being the mean of the network
+folds that trained on none of its validation tasks; training records the candidate with the highest mean pixel AP
+over the folds. A weight of 1 keeps the classifier alone (the networks are not copied); otherwise the
 networks' fold files join the folder and the plan's ``network`` names them.
 """
 
@@ -65,8 +66,8 @@ _SHARED = ("spatial_size", "foreground_fraction", "normalisation")
 
 def check_fusable(plan: Mapping, networks_plan: Mapping, networks_dir: str | Path) -> None:
     """A clear error unless the networks of ``networks_plan`` can join the classifier of ``plan``: the same working
-    grid, foreground and normalisation, 3D networks on the whole grid, and, for every model fold, the same training
-    tasks (so that each fold's held-out tasks are held out from both)."""
+    grid, foreground and normalisation, 3D networks on the whole grid, with their split (to find, for each
+    classifier fold, the network folds that held its validation tasks out too)."""
     where = f"the networks in {str(networks_dir)!r}"
     if networks_plan.get("network") is None or networks_plan.get("classifier") is not None:
         raise ValueError(f"{where}: their plan must describe networks alone")
@@ -76,12 +77,9 @@ def check_fusable(plan: Mapping, networks_plan: Mapping, networks_dir: str | Pat
                          f"classifier has {[plan.get(k) for k in differ]}: train it with theirs")
     if networks_plan.get("slice_axis") is not None or networks_plan.get("patch_size") is not None:
         raise ValueError(f"{where}: fusion takes 3D networks on the whole working grid")
-    ours = [f["train_tasks"] for f in (plan.get("split") or {}).get("model_folds", [])]
-    theirs = [f["train_tasks"] for f in (networks_plan.get("split") or {}).get("model_folds", [])]
-    if ours != theirs:
-        raise ValueError(f"{where} were trained on the tasks {theirs} per fold, the classifier on {ours}: their "
-                         "held-out tasks differ (give training the networks' tasks, e.g. --foreign_dir for "
-                         "poisson_inter)")
+    if not (networks_plan.get("split") or {}).get("model_folds"):
+        raise ValueError(f"{where}: their plan records no cross-validation split, so no fold can be matched to the "
+                         "classifier's held-out tasks")
 
 
 def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks_dir: str | Path) -> dict:
@@ -96,14 +94,13 @@ def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks
     plan = load_json(path)
     networks_plan = load_json(networks_dir / PLAN_FILE)
     keep = best != "weighted_mean_1"
-    if keep:
-        for record in records:
-            source = networks_dir / f"fold_{record['fold']}.pt"
-            shutil.copyfile(source, ensemble_dir / source.name)
+    folds = [f"fold_{f['fold']}.pt" for f in networks_plan["split"]["model_folds"]]
+    if keep:  # the networks' whole fold ensemble joins the folder
+        for name in folds:
+            shutil.copyfile(networks_dir / name, ensemble_dir / name)
         plan["network"] = networks_plan["network"]
     plan["fusion"] = {"method": method, "classifier_weight": weight, "networks_kept": keep,
-                      "networks": {"plan_versions": networks_plan.get("versions"),
-                                   "folds": [f"fold_{r['fold']}.pt" for r in records]},
+                      "networks": {"plan_versions": networks_plan.get("versions"), "folds": folds},
                       "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
     save_json(plan, path)
     logger.info("fusion chosen on the synthetic validation: %s (mean pixel AP %.3f; classifier alone %.3f, networks "

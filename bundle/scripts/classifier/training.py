@@ -114,7 +114,8 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
 
     start = time.perf_counter()
     classifier, sample_score_method = plan["classifier"], plan["sample_score"]
-    network, network_inferer = _network_fold(plan, fuse_with, fold) if fuse_with else (None, None)
+    network, network_inferer = (_held_out_networks(plan, fuse_with, val_dataset.tasks) if fuse_with
+                                else (None, None))
     threads = threads or torch.get_num_threads()
     bank = FeatureBank(classifier["features"])
     folder = Path(ensemble_dir)
@@ -164,7 +165,7 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
         per_task[task].update(([prediction], [label]))
         if network is not None:
             with torch.no_grad():
-                network_map = torch.sigmoid(network_inferer(torch.from_numpy(image)[None, None], network).float())[0]
+                network_map = network_inferer(torch.from_numpy(image)[None, None], network)[0]  # the folds' mean
             for (method, weight), metric in zip(CANDIDATES, fused.values()):
                 metric.update(([fuse(prediction, network_map, method, weight)], [label]))
     importance = booster.feature_importance("gain", iteration=booster.best_iteration)
@@ -188,18 +189,26 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     return result
 
 
-def _network_fold(plan: Mapping, networks_dir: str | Path, fold: int):
-    """Network fold ``fold`` of the models folder ``networks_dir`` (checked to fit the classifier's plan), in eval
-    mode, with the inferer its plan says."""
+def _held_out_networks(plan: Mapping, networks_dir: str | Path, val_tasks: Sequence[str]):
+    """The network folds of ``networks_dir`` that trained on none of ``val_tasks`` (so that the fold's validation
+    tasks are held out from both kinds), as one ensemble of their sigmoid maps in eval mode, with the inferer their
+    plan says; an error when the networks do not fit the classifier's plan or none held these tasks out."""
     from scripts.classifier.fusion import check_fusable
-    from scripts.inference.ensemble import load_fold
+    from scripts.inference.ensemble import Ensemble, load_fold
     from scripts.networks import build_network, inferer_for
     from scripts.plans import load_plan
 
+    folder = Path(networks_dir) / plan["dataset"]
     networks_plan = load_plan(networks_dir, plan["dataset"])
-    check_fusable(plan, networks_plan, Path(networks_dir) / plan["dataset"])
-    path = Path(networks_dir) / plan["dataset"] / f"fold_{fold}.pt"
-    return load_fold(build_network(networks_plan), path, "pytorch").eval(), inferer_for(networks_plan)
+    check_fusable(plan, networks_plan, folder)
+    held_out = [f["fold"] for f in networks_plan["split"]["model_folds"] if not set(f["train_tasks"]) & set(val_tasks)]
+    if not held_out:
+        raise ValueError(f"no network fold in {str(folder)!r} held out the validation tasks {list(val_tasks)}: their "
+                         "fusion cannot be validated on tasks unseen by both")
+    network_def = build_network(networks_plan)
+    networks = [load_fold(network_def, folder / f"fold_{k}.pt", "pytorch") for k in held_out]
+    logger.info("fusion validation against network folds %s (trained on none of %s)", held_out, list(val_tasks))
+    return Ensemble(networks).eval(), inferer_for(networks_plan)
 
 
 def save_fold_result(ensemble_dir, fold: int, split, dataset_dir, result: Mapping, recipe: Mapping) -> dict:
