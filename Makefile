@@ -16,7 +16,7 @@ help:
 
 .PHONY: help setup test lint docker-setup docker-image docker-test demo demo-xray demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe bench-slicewise train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
-# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=1] [ARGS="--max_epochs 50"] [KIND=3d|2d|classifier]`
+# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=<training tasks per fold: 1 networks, 4 classifier>] [ARGS="--max_epochs 50"] [KIND=3d|2d|classifier]`
 # KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml); KIND=classifier: the voxel classifier
 # (bundle/configs/classifier.yaml)
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
@@ -25,7 +25,7 @@ DATASETS := brain abdom xray
 # one clear line for a dataset name the bundle has no overlay for (instead of MONAI's traceback)
 check_dataset = $(if $(filter $(DATASETS),$(DATASET)),,$(error DATASET must be one of: $(DATASETS); got '$(DATASET)'))
 OUT ?= runs
-T ?= 1
+T ?=
 # the inference workflow's configs for a dataset: the shared part, the workflow, the dataset overlay
 inference_configs = ['bundle/configs/common.yaml','bundle/configs/inference.yaml','bundle/configs/$(1).yaml']
 
@@ -132,7 +132,7 @@ train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
 	$(check_dataset)
 	$(PY) -m scripts.training --config_file bundle/configs/common.yaml bundle/configs/train.yaml bundle/configs/$(DATASET).yaml \
-		$(if $(filter 2d,$(KIND)),bundle/configs/slicewise.yaml) $(if $(filter classifier,$(KIND)),bundle/configs/classifier.yaml) --output_dir $(OUT) --num_train_tasks $(T) --dataset_dir $(DATA) \
+		$(if $(filter 2d,$(KIND)),bundle/configs/slicewise.yaml) $(if $(filter classifier,$(KIND)),bundle/configs/classifier.yaml) --output_dir $(OUT) $(if $(T),--num_train_tasks $(T)) --dataset_dir $(DATA) \
 		$(if $(FOREIGN),--foreign_dir $(FOREIGN)) $(ARGS)
 
 # `make infer IN=folder OUT=folder [DATASET=brain|abdom] [MODE=pixel|sample|both] [MODELS=runs/models]`

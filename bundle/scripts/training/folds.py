@@ -150,9 +150,9 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return parsed
 
 
-def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) -> tuple[str, Path]:
+def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) -> tuple[str, Path, int]:
     """Make the plan of the run from its configs and overrides and write it once, before any fold starts (the
-    folds then find it and only check it). Returns ``(dataset_name, models folder)``."""
+    folds then find it and only check it). Returns ``(dataset_name, models folder, num_train_tasks)``."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -161,10 +161,11 @@ def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) 
     parser.update({"bundle_root": bundle_root, **_parse_overrides(overrides)})
     parser.get_parsed_content("initialize")
     parser.get_parsed_content("write_plan")  # train.yaml's plan step
-    return str(parser.get_parsed_content("dataset_name")), Path(parser.get_parsed_content("ensemble_dir"))
+    return (str(parser.get_parsed_content("dataset_name")), Path(parser.get_parsed_content("ensemble_dir")),
+            int(parser.get_parsed_content("num_train_tasks")))
 
 
-def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int = 1,
+def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int | None = None,
                 overrides: list[str] | None = None, bundle_root: str = "bundle", gpus: int | None = None,
                 folds: list[int] | None = None, parallel_folds: int | None = None, calibrate: bool = True) -> dict:
     """Write the plan, then train every model fold of a split (one process per fold, spread over the GPUs when
@@ -174,9 +175,11 @@ def train_folds(config_files: list[str], output_dir: str, num_train_tasks: int =
     points in the plan (:func:`scripts.calibration.calibrate_training_run`)."""
     if parallel_folds is not None and parallel_folds < 1:
         raise ValueError(f"parallel_folds must be at least 1, got {parallel_folds}")
-    overrides = list(overrides or []) + ["--output_dir", output_dir, "--num_train_tasks", str(num_train_tasks)]
+    overrides = list(overrides or []) + ["--output_dir", output_dir]
+    if num_train_tasks is not None:  # else the configs' (train.yaml: 1; classifier.yaml: 4)
+        overrides += ["--num_train_tasks", str(num_train_tasks)]
+    dataset, ensemble_dir, num_train_tasks = write_plan(config_files, overrides, bundle_root)
     folds = list(range(len(model_folds(num_train_tasks)))) if folds is None else folds
-    dataset, ensemble_dir = write_plan(config_files, overrides, bundle_root)
     gpus = torch.cuda.device_count() if gpus is None else gpus
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(bundle_root).resolve()), env.get("PYTHONPATH")]))
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config_file", nargs="+", required=True,
                         help="common.yaml, train.yaml and a dataset overlay")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_train_tasks", type=int, default=1)
+    parser.add_argument("--num_train_tasks", type=int, default=None,
+                        help="training tasks per model fold (default: the configs', 1 for networks, 4 for classifiers)")
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="default: all folds of the split")
     parser.add_argument("--bundle_root", default="bundle")
     parser.add_argument("--gpus", type=int, default=None, help="default: all visible GPUs")
