@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 LEARNER_DEFAULTS = {"objective": "cross_entropy", "learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 200,
                     "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
                     "max_bin": 255, "num_boost_round": 400, "early_stopping_rounds": 40}
+# early_stopping_rounds 0: no early stopping, every round kept
 
 
 # the share of a sample's normal rows drawn from the background inside the foreground box (the map must be 0 there
@@ -142,9 +143,10 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     val_set = lightgbm.Dataset(x_val, y_val, weight=_balanced_weights(y_val), reference=train_set)
     fit_start = time.perf_counter()
     booster = lightgbm.train(params, train_set, num_boost_round=rounds, valid_sets=[val_set],
-                             callbacks=[lightgbm.early_stopping(patience, verbose=False)])
+                             callbacks=[lightgbm.early_stopping(patience, verbose=False)] if patience > 0 else [])
     fit_seconds = time.perf_counter() - fit_start
-    text = booster.model_to_string(num_iteration=booster.best_iteration)
+    best = booster.best_iteration if patience > 0 and booster.best_iteration else rounds  # 0: every round
+    text = booster.model_to_string(num_iteration=best)
     write_atomically(folder / model_name, lambda tmp: tmp.write_text(text))
     model_sha = sha256_of(folder / model_name)
     # the fold's validation on whole maps, with the files as inference reads them
@@ -168,7 +170,7 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
                 network_map = network_inferer(torch.from_numpy(image)[None, None], network)[0]  # the folds' mean
             for (method, weight), metric in zip(CANDIDATES, fused.values()):
                 metric.update(([fuse(prediction, network_map, method, weight)], [label]))
-    importance = booster.feature_importance("gain", iteration=booster.best_iteration)
+    importance = booster.feature_importance("gain", iteration=best)
     result = {
         "kind": "voxel_classifier",
         "files": {model_name: model_sha, normative_name: normative_sha},
@@ -177,7 +179,7 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
         "val_samples": min(val_maps, len(val_indices)),
         "per_task_pixel_ap": {task: metric.compute() for task, metric in per_task.items()},
         **({"fusion_validation": {n: m.compute() for n, m in fused.items()}} if fused else {}),
-        "best_iteration": int(booster.best_iteration or rounds),
+        "best_iteration": int(best),
         "train_rows": int(len(y_train)),
         "feature_importance": {n: round(float(v) / max(float(importance.sum()), 1e-12), 4)
                                for n, v in zip(names, importance)},
