@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from scripts.io.files import load_json, save_json
-from scripts.plans import PLAN_FILE
+from scripts.plans import PLAN_FILE, load_plan
 
-__all__ = ["CANDIDATES", "FusedEnsemble", "check_fusable", "fuse", "record_fusion"]
+__all__ = ["CANDIDATES", "FusedEnsemble", "check_fusable", "fuse", "networks_plan", "record_fusion", "shared_setting"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,21 @@ class FusedEnsemble(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fuse(self.classifier(x), self.networks(x), self.method, self.weight)
+
+
+def networks_plan(models_dir: str | Path | None, dataset: str) -> dict | None:
+    """The plan of the networks a classifier is to be fused with (``classifier_fuse_with``), None without any."""
+    return None if not models_dir else load_plan(models_dir, dataset)
+
+
+def shared_setting(plan: Mapping | None, key: str, own):
+    """A setting the classifier must share with the networks of ``plan`` (their ``spatial_size``,
+    ``foreground_fraction``, ``normalisation`` mode or its ``fingerprint``), or the run's ``own`` without networks."""
+    if plan is None:
+        return own
+    if key in ("normalisation", "fingerprint"):
+        return plan["normalisation"]["mode" if key == "normalisation" else "fingerprint"]
+    return plan[key]
 
 
 # the plan keys a fused folder's two kinds must share: the same scans, on the same grid, normalised the same way
