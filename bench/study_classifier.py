@@ -47,9 +47,10 @@ def train_variant(dataset: str, data: Path, foreign: Path | None, folder: Path, 
     return time.perf_counter() - started
 
 
-def summarise(folder: Path, dataset: str) -> dict:
+def summarise(folder: Path, dataset: str, only_folds: list[int] | None = None) -> dict:
     ensemble = folder / "models" / dataset
     folds = [json.loads(p.read_text()) for p in sorted(ensemble.glob("fold_*.json"))]
+    folds = [f for f in folds if only_folds is None or f["fold"] in only_folds]
     if not folds:
         raise FileNotFoundError(f"no fold records in {ensemble}")
 
@@ -90,9 +91,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "classifier-study")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--summary_folds", type=int, nargs="+", default=None,
+                        help="summarise every variant on these model folds only (variants trained with --folds)")
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    result = {"settings": {"dataset": args.dataset, "data": args.data.name, "foreign": bool(args.foreign)},
+    result = {"settings": {"dataset": args.dataset, "data": args.data.name, "foreign": bool(args.foreign),
+                           "summary_folds": args.summary_folds},
               "variants": {}}
     if args.json and args.json.is_file():
         result["variants"] = json.loads(args.json.read_text()).get("variants", {})
@@ -106,7 +110,7 @@ def main(argv=None) -> dict:
             seconds = train_variant(args.dataset, args.data.resolve(), args.foreign and args.foreign.resolve(), folder,
                                     args.work_dir / "cache", arguments)
         earlier = result["variants"].get(name, {})
-        result["variants"][name] = {"arguments": arguments, **summarise(folder, args.dataset),
+        result["variants"][name] = {"arguments": arguments, **summarise(folder, args.dataset, args.summary_folds),
                                     "run_seconds": seconds if seconds is not None else earlier.get("run_seconds")}
         print(f"{name}: pixel AP {result['variants'][name]['pixel_ap']:.3f}", flush=True)
     if args.json:
