@@ -217,11 +217,9 @@ def _held_out_networks(plan: Mapping, networks_dir: str | Path, val_tasks: Seque
 def save_fold_result(ensemble_dir, fold: int, split, dataset_dir, result: Mapping, recipe: Mapping) -> dict:
     """``fold_<k>.json`` of a classifier fold: its split, its validation result (``best_metric``: the pixel AP, the
     networks' key metric), its files' SHA-256 and the recipe."""
-    from scripts.training.folds import _relative
+    from scripts.training.folds import fold_split_record
 
-    split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
-    split_record["train_scans"] = _relative(split.train_scans, dataset_dir)
-    split_record["val_scans"] = _relative(split.val_scans, dataset_dir)
+    split_record = fold_split_record(split, dataset_dir)
     record = {"fold": fold, "split": split_record, "key_metric": "val_pixel_ap", "best_metric": result["pixel_ap"],
               "train_tasks": list(split.train_tasks), "val_tasks": list(split.val_tasks), **dict(result),
               "recipe": dict(recipe)}

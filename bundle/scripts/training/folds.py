@@ -88,6 +88,14 @@ def _relative(scans, dataset_dir) -> list[str]:
     return out
 
 
+def fold_split_record(split: CrossValidationSplit, dataset_dir) -> dict:
+    """A fold's split as its ``fold_<k>.json`` keeps it: scans named relative to the dataset folder."""
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
+    record["train_scans"] = _relative(split.train_scans, dataset_dir)
+    record["val_scans"] = _relative(split.val_scans, dataset_dir)
+    return record
+
+
 def save_fold_result(ensemble_dir, fold: int, split: CrossValidationSplit, dataset_dir, evaluator, key_metric: str,
                      network: torch.nn.Module, recipe: dict | None = None, budget=None) -> dict:
     """Write ``fold_<k>.json``: this fold's split (scans relative to the dataset folder), its best validation
@@ -96,9 +104,7 @@ def save_fold_result(ensemble_dir, fold: int, split: CrossValidationSplit, datas
     (``plans.json``). In a DDP run only rank 0 writes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}
-    split_record = {k: list(v) if isinstance(v, tuple) else v for k, v in split.__dict__.items()}
-    split_record["train_scans"] = _relative(split.train_scans, dataset_dir)
-    split_record["val_scans"] = _relative(split.val_scans, dataset_dir)
+    split_record = fold_split_record(split, dataset_dir)
     record = {
         "fold": fold,
         "split": split_record,
