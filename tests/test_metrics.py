@@ -59,6 +59,24 @@ def test_sample_ap_and_score():
     assert metric.compute() == pytest.approx(expected)
 
 
+def test_a_diverged_networks_nan_map_counts_as_least_anomalous_instead_of_failing():
+    # a NaN map (a network that diverged) ranks below every finite score; the metrics still compute
+    label = torch.zeros(1, 4, 4, 4)
+    label[0, 1, 1, 1] = 1.0
+    good = label * 0.9 + 0.05
+    nan = torch.full_like(label, float("nan"))
+    pixel = PixelAveragePrecision(bins=1 << 8)
+    pixel.reset()
+    pixel.update(([good, nan], [label, label]))
+    expected = average_precision_score(np.r_[label.flatten(), label.flatten()] >= 0.5,
+                                       np.round(np.r_[good.flatten(), torch.zeros(64)] * 255))
+    assert pixel.compute() == pytest.approx(expected) and 0 < expected < 1
+    sample = SampleAveragePrecision(method=1e-2)
+    sample.reset()
+    sample.update(([good, nan, good * 0.1], [label, label, torch.zeros_like(label)]))
+    assert sample.compute() == pytest.approx(average_precision_score([1, 1, 0], [0.95, 0.0, 0.095]))
+
+
 def test_validation_loss_averages_per_sample():
     """train.yaml's val_loss is MONAI's IgniteMetricHandler(loss_fn=...) on the decollated validation outputs."""
     from ignite.engine import Engine

@@ -44,6 +44,12 @@ def average_precision_from_counts(positives: torch.Tensor, negatives: torch.Tens
     return float((recall_step * precision).sum())
 
 
+def _finite_scores(pred: torch.Tensor) -> torch.Tensor:
+    """Scores in [0, 1] as float32; a non-finite score (a diverged network's NaN) counts as 0, the least anomalous,
+    so the metric ranks that map low instead of failing (the best checkpoint so far is kept)."""
+    return torch.nan_to_num(pred.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+
+
 def _as_list(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return list(x) if x.ndim > 0 else [x]
@@ -66,7 +72,7 @@ class PixelAveragePrecision(Metric):
     def update(self, output: Sequence) -> None:
         predictions, labels = output
         for pred, label in zip(_as_list(predictions), _as_list(labels)):
-            scores = pred.detach().reshape(-1).float().clamp(0.0, 1.0)
+            scores = _finite_scores(pred).reshape(-1)
             index = (scores * (self.bins - 1)).round().long().to(self._device)
             positive = (label.detach().reshape(-1) >= self.threshold).to(self._device)
             self._positives += torch.bincount(index[positive], minlength=self.bins)
@@ -95,7 +101,7 @@ class SampleAveragePrecision(Metric):
     def update(self, output: Sequence) -> None:
         predictions, labels = output
         for pred, label in zip(_as_list(predictions), _as_list(labels)):
-            self._scores.append(float(sample_score(pred.detach(), self.method)))
+            self._scores.append(float(sample_score(_finite_scores(pred), self.method)))
             self._labels.append(float(label.detach().max() >= self.threshold))
 
     def compute(self) -> float:
