@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/bundle:$(CURDIR)
 export PYTHONWARNINGS := ignore:parsing config_file:UserWarning:monai.bundle.scripts
 
 help:
-	@echo 'make demo | test | setup | lint | train DATA=... [KIND=2d|classifier] | infer IN=... OUT=... | evaluate DATA=... PRED=...'
+	@echo 'make demo | test | setup | lint | train DATA=... [KIND=classifier|3d|2d] | infer IN=... OUT=... | evaluate DATA=... PRED=...'
 	@echo '     report IN=... PRED=... | report-setup | report-check | normals | preview | export | verify | bench | bench-training | bench-inference | bench-quality [MODELS=...] | bench-recipe | bench-slicewise'
 	@echo '     demo-xray [BUDGET=1] | demo-train [GPU=1] | demo-finetune [DATASET=...] | deploy-setup | deploy-test | deploy-run IN=... OUT=... | deploy-package'
 	@echo '     docker-setup | docker-image | docker-test | clean'
@@ -16,9 +16,9 @@ help:
 
 .PHONY: help setup test lint docker-setup docker-image docker-test demo demo-xray demo-train demo-finetune preview bench bench-training bench-inference bench-quality bench-recipe bench-slicewise train infer evaluate report report-setup report-check normals verify export deploy-setup deploy-test deploy-run deploy-package clean
 
-# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=<training tasks per fold: 1 networks, 4 classifier>] [ARGS="--max_epochs 50"] [KIND=3d|2d|classifier]`
-# KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml); KIND=classifier: the voxel classifier
-# (bundle/configs/classifier.yaml)
+# `make train DATA=folder [DATASET=brain|abdom] [OUT=runs] [FOREIGN=folder] [T=<training tasks per fold: 1 networks, 4 classifier>] [ARGS="--max_epochs 50"] [KIND=classifier|3d|2d]`
+# KIND=classifier (the shipped recipe, bundle/models/README.md): the voxel classifier, fused with the shipped networks on
+# brain; KIND=3d: the 3D networks alone (the GPU recipe); KIND=2d: the slice-wise FPI system (bundle/configs/slicewise.yaml)
 # trains every model fold of the cross-validation split and writes OUT/models/DATASET/summary.json.
 DATASET ?= brain
 DATASETS := brain abdom xray
@@ -75,27 +75,33 @@ demo-xray: setup
 	@echo "demo-xray: outputs/demo-xray/report/report.html"
 
 # Train default weights from scratch on toy normals and install them into bundle/models.
-# `make demo-train GPU=1 [BUDGET=60]`: the recipe of the shipped weights (128^3 grid, 40 normals, 8 base filters) with
-# today's defaults, every fold given BUDGET minutes (the cosine spans it) and the five folds of a dataset trained at
-# once on the one GPU; see bundle/models/README.md. Plain `make demo-train`: a CPU-sized recipe (64^3, 20 normals,
-# 12 epochs; about 30 min on 2 cores), which gives much weaker weights.
+# `make demo-train`: the shipped CPU recipe (bundle/models/README.md): 30 cohort-varied toy normals per dataset at
+# 256^3, then `make train` with its defaults (KIND=classifier: the voxel classifier, brain fused with the shipped
+# networks); each dataset's folder is replaced. `make demo-train GPU=1 [BUDGET=60]`: the networks' GPU recipe (128^3
+# grid, 40 normals, 8 base filters), every fold given BUDGET minutes (the cosine spans it), the five folds of a
+# dataset trained at once on the one GPU.
 ifdef GPU
-DEMO_TRAIN_NORMALS = 40
+DEMO_TRAIN_DATA = outputs/demo-train/data
+DEMO_TRAIN_DATA_ARGS = --size 128 --train 40 --toy 2 --seed 0
+DEMO_TRAIN_KIND = 3d
 DEMO_TRAIN_ARGS = --spatial_size '[128,128,128]' --network_base_filters 8 --time_budget $(or $(BUDGET),60) \
 	--max_epochs 10000 --early_stop_patience 10000 --val_interval 4 --num_workers 2 --seed 0 --parallel_folds 5 \
 	--cache_dir outputs/demo-train/cache
 else
-DEMO_TRAIN_NORMALS = 20
-DEMO_TRAIN_ARGS = --spatial_size '[64,64,64]' --network_base_filters 8 --max_epochs 12 --early_stop_patience 12 \
-	--num_workers 1 --seed 0 --cache_dir outputs/demo-train/cache
+DEMO_TRAIN_DATA = outputs/demo-train/cohort
+DEMO_TRAIN_DATA_ARGS = --size 256 --train 30 --toy 6 --seed 0 --variability cohort
+DEMO_TRAIN_KIND = classifier
+DEMO_TRAIN_ARGS = --cache_dir outputs/demo-train/cache
 endif
 demo-train: setup
-	$(PY) -m tools.toy_data --output_dir outputs/demo-train/data --size 128 --train $(DEMO_TRAIN_NORMALS) --toy 2 --seed 0
-	$(MAKE) train DATA=outputs/demo-train/data/brain/brain_train DATASET=brain OUT=outputs/demo-train \
-		FOREIGN=outputs/demo-train/data/abdom/abdom_train ARGS="$(DEMO_TRAIN_ARGS)"
-	$(MAKE) train DATA=outputs/demo-train/data/abdom/abdom_train DATASET=abdom OUT=outputs/demo-train \
-		FOREIGN=outputs/demo-train/data/brain/brain_train ARGS="$(DEMO_TRAIN_ARGS)"
-	for d in brain abdom; do mkdir -p bundle/models/$$d && cp outputs/demo-train/models/$$d/* bundle/models/$$d/; done
+	test -d $(DEMO_TRAIN_DATA)/brain/brain_train -a -d $(DEMO_TRAIN_DATA)/abdom/abdom_train || \
+		$(PY) -m tools.toy_data --output_dir $(DEMO_TRAIN_DATA) --datasets brain abdom $(DEMO_TRAIN_DATA_ARGS)
+	rm -rf outputs/demo-train/models
+	$(MAKE) train DATA=$(DEMO_TRAIN_DATA)/brain/brain_train DATASET=brain OUT=outputs/demo-train KIND=$(DEMO_TRAIN_KIND) \
+		FOREIGN=$(DEMO_TRAIN_DATA)/abdom/abdom_train ARGS="$(DEMO_TRAIN_ARGS)"
+	$(MAKE) train DATA=$(DEMO_TRAIN_DATA)/abdom/abdom_train DATASET=abdom OUT=outputs/demo-train KIND=$(DEMO_TRAIN_KIND) \
+		FOREIGN=$(DEMO_TRAIN_DATA)/brain/brain_train ARGS="$(DEMO_TRAIN_ARGS)"
+	for d in brain abdom; do rm -rf bundle/models/$$d && cp -r outputs/demo-train/models/$$d bundle/models/$$d; done
 
 # `make demo-finetune [DATASET=abdom] [BUDGET=5] [LR=0.0008]`: every fold of the shipped DATASET models fine-tuned
 # for BUDGET minutes on the shipped recipe's own data (128^3, 40 normals, seed 0) with the current defaults (e.g.
@@ -110,7 +116,7 @@ demo-finetune: setup
 	test -d $(FINETUNE)/data/brain/brain_train -a -d $(FINETUNE)/data/abdom/abdom_train || \
 		$(PY) -m tools.toy_data --output_dir $(FINETUNE)/data --size 128 --train 40 --toy 2 --seed 0
 	rm -rf $(FINETUNE)/models/$(DATASET) $(FINETUNE)/metrics.json
-	$(MAKE) train DATA=$(FINETUNE)/data/$(DATASET)/$(DATASET)_train DATASET=$(DATASET) OUT=$(FINETUNE) \
+	$(MAKE) train DATA=$(FINETUNE)/data/$(DATASET)/$(DATASET)_train DATASET=$(DATASET) OUT=$(FINETUNE) KIND=3d \
 		FOREIGN=$(FINETUNE)/data/$(OTHER)/$(OTHER)_train ARGS="--init_models_dir bundle/models \
 		--spatial_size '[128,128,128]' --network_base_filters 8 --time_budget $(or $(BUDGET),5) --learning_rate $(LR) \
 		--warmup_epochs 0 --max_epochs 10000 --early_stop_patience 10000 --num_workers 1 --seed 0 \
@@ -127,7 +133,7 @@ bench: setup
 bench-training: setup
 	$(PY) bench/bench_training.py --variants fp32 bf16 fp32_cl bf16_cl --repeats 3
 
-KIND ?= 3d
+KIND ?= classifier
 train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
 	$(check_dataset)

@@ -22,7 +22,7 @@ from tests.conftest import textured_scan
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [str(ROOT / "bundle/configs" / n) for n in ("common.yaml", "train.yaml", "brain.yaml", "classifier.yaml")]
 TINY = ["--spatial_size", "[32,32,32]", "--classifier_samples", "4", "--classifier_voxels_per_sample", "400",
-        "--max_val_samples", "6", "--classifier_val_maps", "3", "--num_workers", "0"]
+        "--max_val_samples", "6", "--classifier_val_maps", "3", "--num_workers", "0", "--classifier_fuse_with", "None"]
 
 
 def environment() -> dict:
@@ -231,14 +231,31 @@ def test_fusion_is_chosen_on_the_validation_recorded_and_applied(trained, normal
             shutil.copyfile(networks / "brain" / f"fold_{k}.pt", folder / f"fold_{k}.pt")
         edited = json.loads((folder / "plans.json").read_text())
         edited["network"] = network
-        edited["fusion"] = {**fusion, "method": "weighted_mean", "classifier_weight": 0.5}
+        edited["fusion"] = {**fusion, "method": "weighted_mean", "classifier_weight": 0.5, "networks_kept": True}
         (folder / "plans.json").write_text(json.dumps(edited))
+    # a fused folder (as the shipped brain models) lends its networks, with the plan they were trained with, to a
+    # new fusion
+    from scripts.classifier.fusion import check_fusable, networks_plan
+
+    lent = networks_plan(variants["fused"], "brain")
+    assert lent["network"] == plan["network"] and lent["classifier"] is None and lent["split"] == plan["split"]
+    check_fusable(fused, lent, variants["fused"] / "brain")
     maps = {}
     for name, models in variants.items():
         predict(models, Path(normal_scans["brain"]), tmp_path / f"out_{name}", "pixel")
         maps[name] = np.asanyarray(nib.load(sorted((tmp_path / f"out_{name}").glob("*.nii.gz"))[0]).dataobj)
     np.testing.assert_allclose(maps["fused"], (maps["classifier_alone"] + maps["networks"]) / 2, atol=2e-3)
     assert np.abs(maps["classifier_alone"] - maps["networks"]).max() > 0.05  # the kinds differ: the mean says something
+
+
+@pytest.mark.parametrize("dataset, expected", [("brain", "bundle/models"), ("abdom", None)])
+def test_the_shipped_recipe_fuses_the_brain_with_the_shipped_networks_and_not_the_abdomen(dataset, expected):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([*CONFIGS[:2], str(ROOT / "bundle/configs" / f"{dataset}.yaml"), CONFIGS[3]])
+    parser["bundle_root"] = "bundle"
+    assert parser.get_parsed_content("classifier_fuse_with") == expected
 
 
 def test_the_study_reads_a_trained_variant(trained):

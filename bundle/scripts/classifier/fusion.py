@@ -61,8 +61,16 @@ class FusedEnsemble(torch.nn.Module):
 
 
 def networks_plan(models_dir: str | Path | None, dataset: str) -> dict | None:
-    """The plan of the networks a classifier is to be fused with (``classifier_fuse_with``), None without any."""
-    return None if not models_dir else load_plan(models_dir, dataset)
+    """The plan of the networks a classifier is to be fused with (``classifier_fuse_with``), None without any: the
+    folder's own plan, or for a fused folder (the shipped brain models) the plan its networks were trained with,
+    which the fusion record keeps, so that a fused folder lends its networks to a new fusion."""
+    if not models_dir:
+        return None
+    plan = load_plan(models_dir, dataset)
+    fusion = plan.get("fusion") or {}
+    if fusion.get("networks_kept") and (fusion.get("networks") or {}).get("plan"):
+        return dict(fusion["networks"]["plan"])
+    return plan
 
 
 def shared_setting(plan: Mapping | None, key: str, own):
@@ -107,15 +115,17 @@ def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks
     method, weight = CANDIDATES[names.index(best)]
     path = ensemble_dir / PLAN_FILE
     plan = load_json(path)
-    networks_plan = load_json(networks_dir / PLAN_FILE)
+    networks = networks_plan(networks_dir.parent, networks_dir.name)
     keep = best != "weighted_mean_1"
-    folds = [f"fold_{f['fold']}.pt" for f in networks_plan["split"]["model_folds"]]
+    folds = [f"fold_{f['fold']}.pt" for f in networks["split"]["model_folds"]]
     if keep:  # the networks' whole fold ensemble joins the folder
         for name in folds:
             shutil.copyfile(networks_dir / name, ensemble_dir / name)
-        plan["network"] = networks_plan["network"]
+        plan["network"] = networks["network"]
+    # the networks' own plan (less their operating points, which the fused folder's calibration replaces)
     plan["fusion"] = {"method": method, "classifier_weight": weight, "networks_kept": keep,
-                      "networks": {"plan_versions": networks_plan.get("versions"), "folds": folds},
+                      "networks": {"folds": folds, "source": str(networks_dir),
+                                   "plan": {k: v for k, v in networks.items() if k != "operating_points"}},
                       "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
     save_json(plan, path)
     logger.info("fusion chosen on the synthetic validation: %s (mean pixel AP %.3f; classifier alone %.3f, networks "
