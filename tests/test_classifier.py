@@ -248,6 +248,38 @@ def test_fusion_is_chosen_on_the_validation_recorded_and_applied(trained, normal
     assert np.abs(maps["classifier_alone"] - maps["networks"]).max() > 0.05  # the kinds differ: the mean says something
 
 
+@pytest.mark.parametrize("winner", ["weighted_mean_0", "weighted_mean_0.25", "weighted_mean_1"])
+def test_the_folder_holds_what_the_fusion_winner_needs(winner, tmp_path):
+    """Networks alone win: the classifier's model files go and the plan is the networks' (their split); classifier
+    alone: no network is copied; a mean: both, and the plan names the network."""
+    from conftest import write_models
+    from scripts.classifier.fusion import CANDIDATES, candidate_name, networks_plan, record_fusion
+    from scripts.plans import default_plan, ensure_plan, load_plan
+
+    networks = write_models(tmp_path / "networks", "brain", range(5), spatial_size=[32, 32, 32])
+    networks_file = networks / "brain" / "plans.json"
+    split = {"model_folds": [{"fold": k, "train_tasks": [f"task_{k}"]} for k in range(5)]}
+    networks_file.write_text(json.dumps({**json.loads(networks_file.read_text()), "split": split}))
+    folder = tmp_path / "run" / "brain"
+    plan = {**default_plan("brain", spatial_size=[32, 32, 32]), "network": None,
+            "classifier": {"features": {"version": 1}, "files": {"classifier_0.txt": "0" * 64}}}
+    ensure_plan(folder, plan)
+    (folder / "classifier_0.txt").write_text("trees")
+    scores = {candidate_name(m, w): 0.1 for m, w in CANDIDATES}
+    fusion = record_fusion(folder, [{"fusion_validation": {**scores, winner: 0.3}}], networks / "brain")
+    recorded = load_plan(folder.parent, "brain")
+    copied = sorted(p.name for p in folder.glob("fold_*.pt"))
+    assert fusion["validation_pixel_ap"][winner] == 0.3 and recorded["fusion"] == fusion
+    assert copied == ([] if winner == "weighted_mean_1" else [f"fold_{k}.pt" for k in range(5)])
+    assert (recorded["network"] is None) == (winner == "weighted_mean_1")
+    assert (folder / "classifier_0.txt").is_file() == (winner != "weighted_mean_0")
+    assert (recorded["classifier"] is None) == (winner == "weighted_mean_0")
+    if winner == "weighted_mean_0":
+        assert recorded["split"] == load_plan(networks, "brain")["split"]
+    if winner != "weighted_mean_1":  # a folder that kept the networks lends them to another fusion
+        assert networks_plan(folder.parent, "brain")["network"] == load_plan(networks, "brain")["network"]
+
+
 @pytest.mark.parametrize("dataset, expected", [("brain", "bundle/models"), ("abdom", None)])
 def test_the_shipped_recipe_fuses_the_brain_with_the_shipped_networks_and_not_the_abdomen(dataset, expected):
     from monai.bundle import ConfigParser

@@ -2,13 +2,14 @@
 weight are chosen on the synthetic validation of training (each model fold's held-out tasks, scored by that fold's
 classifier and by the network folds that held the same tasks out) and recorded in the plan's ``fusion``.
 
-    make train DATA=DIR DATASET=brain KIND=classifier ARGS="--classifier_fuse_with bundle/models --foreign_dir ..."
+    make train DATA=DIR DATASET=brain FOREIGN=DIR     # the shipped recipe: the brain fuses with bundle/models
 
 Each classifier fold scores its validation samples with every candidate (:data:`CANDIDATES`: weighted means of the
 two maps with the classifier's weight 0 to 1, and their maximum), the networks' map being the mean of the network
 folds that trained on none of its validation tasks; training records the candidate with the highest mean pixel AP
-over the folds. A weight of 1 keeps the classifier alone (the networks are not copied); otherwise the
-networks' fold files join the folder and the plan's ``network`` names them.
+over the folds. A weight of 1 keeps the classifier alone (the networks are not copied), a weight of 0 the networks
+alone (the classifier's model files are removed); otherwise the networks' fold files join the folder and the plan's
+``network`` names them.
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ def check_fusable(plan: Mapping, networks_plan: Mapping, networks_dir: str | Pat
 
 def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks_dir: str | Path) -> dict:
     """Choose the candidate with the highest mean validation pixel AP over the folds' ``fusion_validation`` and
-    record it in the plan; copy the networks' fold files in unless the classifier alone wins."""
+    record it in the plan. The folder then holds what the winner needs: the networks' fold files are copied in
+    unless the classifier alone wins; when the networks alone win, the classifier's model files are removed and the
+    plan becomes the networks' own (their split and calibration), the folds' records keeping the classifier's
+    validation."""
     ensemble_dir, networks_dir = Path(ensemble_dir), Path(networks_dir)
     names = [candidate_name(m, w) for m, w in CANDIDATES]
     means = {n: sum(r["fusion_validation"][n] for r in records) / len(records) for n in names}
@@ -116,19 +120,26 @@ def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks
     path = ensemble_dir / PLAN_FILE
     plan = load_json(path)
     networks = networks_plan(networks_dir.parent, networks_dir.name)
-    keep = best != "weighted_mean_1"
+    keep, alone = best != "weighted_mean_1", best == "weighted_mean_0"
     folds = [f"fold_{f['fold']}.pt" for f in networks["split"]["model_folds"]]
     if keep:  # the networks' whole fold ensemble joins the folder
         for name in folds:
             shutil.copyfile(networks_dir / name, ensemble_dir / name)
         plan["network"] = networks["network"]
+    if alone:  # the classifier adds nothing: the folder is the networks' ensemble
+        for name in (plan["classifier"] or {}).get("files") or {}:
+            (ensemble_dir / name).unlink(missing_ok=True)
+        plan = {**networks, "classifier": None}
     # the networks' own plan (less their operating points, which the fused folder's calibration replaces)
+    lent = {k: v for k, v in networks.items() if k not in ("operating_points", "fusion")}
     plan["fusion"] = {"method": method, "classifier_weight": weight, "networks_kept": keep,
+                      "classifier_kept": not alone,
                       "networks": {"folds": folds, "source": str(networks_dir),
-                                   "plan": {k: v for k, v in networks.items() if k != "operating_points"}},
+                                   "plan": lent},
                       "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
+    plan.pop("operating_points", None)
     save_json(plan, path)
     logger.info("fusion chosen on the synthetic validation: %s (mean pixel AP %.3f; classifier alone %.3f, networks "
                 "alone %.3f)%s", best, means[best], means["weighted_mean_1"], means["weighted_mean_0"],
-                "" if keep else ": the networks are not kept")
+                ": the networks are not kept" if not keep else ": the classifier is not kept" if alone else "")
     return plan["fusion"]

@@ -196,7 +196,8 @@ def _held_out_networks(plan: Mapping, networks_dir: str | Path, val_tasks: Seque
     """The network folds of ``networks_dir`` that trained on none of ``val_tasks`` (so that the fold's validation
     tasks are held out from both kinds), as one ensemble of their sigmoid maps in eval mode, with the inferer their
     plan says; an error when the networks do not fit the classifier's plan or none held these tasks out."""
-    from scripts.classifier.fusion import check_fusable, networks_plan as fused_networks_plan
+    from scripts.classifier.fusion import check_fusable
+    from scripts.classifier.fusion import networks_plan as fused_networks_plan
     from scripts.inference.ensemble import Ensemble, load_fold
     from scripts.networks import build_network, inferer_for
 
