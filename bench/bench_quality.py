@@ -203,8 +203,13 @@ def run(models: dict[str, Path] | Path, work_dir: Path, datasets, size: int, n_c
         settings_file = data_dir / "settings.json"
         wanted = {"size": size, "cases": n_cases, "gorilla": n_gorilla, "train": n_train, "seed": seed,
                   "variability": variability, "conventions": sorted(conventions)}
-        if reuse_data and settings_file.is_file() and json.loads(settings_file.read_text()) == wanted:
+        earlier = json.loads(settings_file.read_text()) if reuse_data and settings_file.is_file() else None
+        same_cases = earlier is not None and {**earlier, "conventions": None} == {**wanted, "conventions": None}
+        if same_cases:  # the same cases; a convention the earlier run did not write is written from them
             written = {"cases": json.loads((data_dir / "toy_label" / "anomalies.json").read_text())["cases"]}
+            missing = [c for c in conventions if c not in earlier["conventions"]]
+            write_conventions(data_dir, dataset, missing)
+            settings_file.write_text(json.dumps({**wanted, "conventions": sorted({*earlier["conventions"], *missing})}))
             folders = {c: data_dir / f"cases_{c}" for c in conventions}
         else:
             if data_dir.exists():

@@ -64,6 +64,9 @@ def calibrate_training_run(config_files: Sequence[str], overrides: Mapping, bund
                    "plan": "$scripts.plans.load_plan(@models_dir, @dataset_name)"})
     get = parser.get_parsed_content
     dataset, models_dir, plan = get("dataset_name"), Path(get("models_dir")), get("plan")
+    # the run's config may bound the scans scored (a voxel classifier scores a scan in seconds, not a fraction)
+    max_normals = get("calibration_max_normals", default=max_normals)
+    max_anomalous = get("calibration_max_anomalous", default=max_anomalous)
     device = get("device")
     predictor = Predictor(load_ensemble(get("network_def"), models_dir, dataset, device, plan=plan), get("inferer"),
                           device, get("amp"))
