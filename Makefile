@@ -133,7 +133,8 @@ bench: setup
 bench-training: setup
 	$(PY) bench/bench_training.py --variants fp32 bf16 fp32_cl bf16_cl --repeats 3
 
-KIND ?= classifier
+# radiographs train their 2D networks (xray.yaml); brain and abdomen the voxel classifier
+KIND ?= $(if $(filter xray,$(DATASET)),3d,classifier)
 train: setup
 	@test -n "$(DATA)" || (echo "usage: make train DATA=<folder of normal *.nii.gz> [DATASET=brain|abdom] [OUT=runs]"; exit 2)
 	$(check_dataset)
@@ -255,7 +256,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.12.0
+MAP_TAG ?= mood-anomaly:0.13.0
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

@@ -22,7 +22,7 @@ from tests.conftest import textured_scan
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [str(ROOT / "bundle/configs" / n) for n in ("common.yaml", "train.yaml", "brain.yaml", "classifier.yaml")]
 TINY = ["--spatial_size", "[32,32,32]", "--classifier_samples", "4", "--classifier_voxels_per_sample", "400",
-        "--max_val_samples", "6", "--classifier_val_maps", "3", "--num_workers", "0", "--classifier_fuse_with", "None"]
+        "--max_val_samples", "6", "--classifier_val_maps", "3", "--num_workers", "0", "--classifier_fuse_with", ""]
 
 
 def environment() -> dict:

@@ -179,15 +179,27 @@ def test_old_models_folder_gets_a_clear_message_and_a_plan_from_its_records(tmp_
 
 @pytest.mark.parametrize("dataset", ["brain", "abdom"])
 def test_shipped_models_carry_their_plan(dataset):
+    """The shipped recipe (bundle/models/README.md): voxel classifiers on both datasets, the brain's fused with the
+    GPU-trained networks at the weight its validation chose; every file the plan names loads and matches."""
+    from scripts.classifier.model import load_classifier
+
     plan = load_plan(ROOT / "bundle/models", dataset)
-    folds = sorted((ROOT / "bundle/models" / dataset).glob("fold_*.pt"))
-    assert len(folds) == len(plan["split"]["model_folds"]) == 5
-    for path in folds:
-        build_network(plan).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    assert (plan["normalisation"]["fingerprint"] is not None) == (dataset == "abdom")
-    text = "".join(p.read_text() for p in (ROOT / "bundle/models" / dataset).glob("*.json"))
+    folder = ROOT / "bundle/models" / dataset
+    assert len(plan["split"]["model_folds"]) == 5
+    assert len(load_classifier(ROOT / "bundle/models", dataset, plan).folds) == 5  # SHA-256 checked
+    folds = sorted(folder.glob("fold_*.pt"))
+    if dataset == "brain":
+        fusion = plan["fusion"]
+        assert fusion["networks_kept"] and 0 < fusion["classifier_weight"] < 1 and len(folds) == 5
+        assert [p.name for p in folds] == fusion["networks"]["folds"]
+        for path in folds:
+            build_network(plan).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:  # the abdomen's networks normalised with a HU fingerprint: the classifier alone ships
+        assert plan["network"] is None and not folds
+    assert plan["normalisation"] == {"mode": {"brain": "zscore", "abdom": "robust"}[dataset], "fingerprint": None}
+    text = "".join(p.read_text() for p in folder.glob("*.json"))
     assert "/work/" not in text and "/tmp/" not in text and "/home/" not in text
-    # measured with these very weights, so inference flags scans with them
+    # measured with these very models, so inference flags scans with them
     from scripts.inference.operating_points import operating_point
 
     point = operating_point(plan, ROOT / "bundle/models", dataset, 0.05, 0.001)
