@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.classifier.features import FEATURE_GROUPS, FeatureBank, NormativeStatistics, feature_settings
+from scripts.classifier.features import (
+    FEATURE_GROUPS,
+    FeatureBank,
+    NormativeStatistics,
+    feature_settings,
+    scored_voxels,
+)
 from tests.conftest import textured_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +79,34 @@ def test_features_follow_the_anatomy_wherever_it_lies_in_the_grid():
     exact = [i for i in range(rows[0].shape[1]) if i not in resampled]
     np.testing.assert_allclose(rows[0][:, exact], rows[1][:, exact], atol=1e-4)
     np.testing.assert_allclose(rows[0][:, resampled].mean(0), rows[1][:, resampled].mean(0), rtol=0.05, atol=0.05)
+
+
+def test_the_scored_voxels_are_the_grown_anatomy_with_its_holes_and_old_plans_keep_their_box():
+    """A ball in a grid: the voxels scored are the ball grown by the margin, with a cavity inside it and a notch
+    cut into its surface (narrower than twice the margin) counted, the box's corners left out; a plan recorded before
+    ``score_margin`` existed still scores its whole box."""
+    grid = np.indices((40, 40, 40)).astype(np.float32)
+    radius = np.sqrt(((grid - 20) ** 2).sum(0))
+    settings = feature_settings()
+
+    def scored_of(image):
+        voxels, box = scored_voxels(image, settings)
+        scored = np.zeros(image.shape, bool)
+        scored.reshape(-1)[voxels] = True
+        return scored, box
+
+    image = np.where(radius <= 12, 1.0, 0.0).astype(np.float32)
+    scored, box = scored_of(image)
+    margin = settings["score_margin"]  # steps to a face neighbour: about margin / sqrt(3) or more in any direction
+    assert scored[radius <= 12 + margin / 2].all() and not scored[radius > 12 + margin + 1].any()
+    assert scored.sum() < np.prod([b.stop - b.start for b in box])
+    image[radius <= 4] = 0.0                                        # a cavity
+    image[18:23, 18:23, 26:33] = 0.0                                # a notch from the surface inwards
+    scored, _ = scored_of(image)
+    assert scored[radius <= 4].all() and scored[18:23, 18:23, 26:33].all()
+    old = {k: v for k, v in settings.items() if k != "score_margin"}
+    box_voxels, box = scored_voxels(image, FeatureBank(old).settings)
+    assert len(box_voxels) == np.prod([b.stop - b.start for b in box])
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,12 @@ FEATURE_GROUPS = ("texture", "normative", "mirror", "position")
 # ``foreground_fraction``: the classifier's own foreground (voxels above min + fraction (p99 - min) of the
 # normalised scan); lower than the preprocessing's 10 % so that CT fat and MR CSF count. ``std_floor``: added to the
 # normals' standard deviation (in normalised units) so that a z-score never divides by almost nothing.
+# ``score_margin``: the voxels scored are the foreground grown by this many voxels, its enclosed holes filled (about
+# half of the box on a brain: half the prediction time); None scores the whole foreground box (plans recorded
+# before the setting existed).
 DEFAULTS = {"version": FEATURE_BANK_VERSION, "groups": list(FEATURE_GROUPS), "scales": [1.0, 2.0, 4.0],
             "normative_grid": [64, 64, 64], "foreground_fraction": 0.01, "entropy_bins": 8, "std_floor": 0.1,
-            "box_margin": 4}
+            "box_margin": 4, "score_margin": 4}
 
 
 def feature_settings(groups: Sequence[str] | None = None, **overrides) -> dict:
@@ -82,12 +85,19 @@ def box_of(foreground: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
 
 
 def scored_voxels(image: np.ndarray, settings: Mapping) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """The voxels the classifier scores (every voxel of the foreground box, so that a hole cut into the anatomy
-    counts; outside it the map is 0) as flat indices, and the box."""
+    """The voxels the classifier scores as flat indices (outside them the map is 0), and the foreground box: the
+    foreground grown by ``score_margin`` voxels with its enclosed holes filled (so that a hole cut into the
+    anatomy, or one opening to its surface narrower than twice the margin, counts), or the whole box where
+    ``score_margin`` is None."""
     foreground = foreground_of(image, settings["foreground_fraction"])
     box = box_of(foreground, int(settings["box_margin"]))
     inside = np.zeros(image.shape, bool)
-    inside[box] = True
+    margin = settings.get("score_margin")
+    if margin is None:
+        inside[box] = True
+    else:
+        grown = ndi.binary_dilation(foreground[box], iterations=int(margin)) if margin else foreground[box]
+        inside[box] = ndi.binary_fill_holes(grown)
     return np.flatnonzero(inside), box
 
 
@@ -200,6 +210,7 @@ class FeatureBank:
     """
 
     def __init__(self, settings: Mapping) -> None:
+        settings = {"score_margin": None, **settings}  # a plan recorded before the setting scored its whole box
         self.settings = feature_settings(settings["groups"], **{k: v for k, v in settings.items() if k != "groups"})
         if self.settings["version"] != FEATURE_BANK_VERSION:
             raise ValueError(f"the plan's feature bank is version {self.settings['version']}; this bundle computes "
