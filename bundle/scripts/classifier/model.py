@@ -42,8 +42,8 @@ def load_booster(path: str | Path, sha256: str | None, threads: int | None = Non
 class VoxelClassifierEnsemble(torch.nn.Module):
     """The fold classifiers of a models folder behind the ensemble's contract: a preprocessed, normalised batch
     (B, 1, *spatial) in, anomaly probabilities of the same shape out (the mean of the folds'); the feature bank's
-    shared features are computed once per scan, the normative ones per fold. Voxels outside the foreground box
-    get 0."""
+    shared features are computed once per scan, the normative ones per fold. Voxels the bank does not score
+    (:func:`scripts.classifier.features.scored_voxels`) get 0."""
 
     def __init__(self, bank: FeatureBank, folds: list[tuple[object, NormativeStatistics]]) -> None:
         super().__init__()
