@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage as ndi
 
 __all__ = ["FEATURE_BANK_VERSION", "FEATURE_GROUPS", "FeatureBank", "NormativeStatistics", "box_of",
-           "feature_settings", "scored_voxels"]
+           "feature_settings", "foreground_box", "scored_voxels"]
 
 FEATURE_BANK_VERSION = 1
 FEATURE_GROUPS = ("texture", "normative", "mirror", "position")
@@ -84,13 +84,18 @@ def box_of(foreground: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def foreground_box(image: np.ndarray, settings: Mapping) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The foreground of ``image`` and its box grown by ``box_margin`` (the alignment of the normative grid)."""
+    foreground = foreground_of(image, settings["foreground_fraction"])
+    return foreground, box_of(foreground, int(settings["box_margin"]))
+
+
 def scored_voxels(image: np.ndarray, settings: Mapping) -> tuple[np.ndarray, tuple[slice, ...]]:
     """The voxels the classifier scores as flat indices (outside them the map is 0), and the foreground box: the
     foreground grown by ``score_margin`` voxels with its enclosed holes filled (so that a hole cut into the
     anatomy, or one opening to its surface narrower than twice the margin, counts), or the whole box where
     ``score_margin`` is None."""
-    foreground = foreground_of(image, settings["foreground_fraction"])
-    box = box_of(foreground, int(settings["box_margin"]))
+    foreground, box = foreground_box(image, settings)
     inside = np.zeros(image.shape, bool)
     margin = settings.get("score_margin")
     if margin is None:
@@ -126,7 +131,7 @@ class NormativeStatistics:
         total = np.zeros((2, *grid), np.float64)
         squares = np.zeros((2, *grid), np.float64)
         for image in images:
-            _, box = scored_voxels(image, settings)
+            _, box = foreground_box(image, settings)
             smooth, local_std = _smooth_and_local_std(np.asarray(image, np.float32), settings["scales"][1])
             aligned = np.stack([_resized(v[box], grid) for v in (smooth, local_std)]).astype(np.float64)
             total += aligned
@@ -244,8 +249,10 @@ class FeatureBank:
         image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, np.float32)
         image = image[0] if image.ndim == 4 else image
         settings = self.settings
-        scored, box = scored_voxels(image, settings)
-        voxels = scored if voxels is None else np.asarray(voxels)
+        if voxels is None:
+            voxels, box = scored_voxels(image, settings)
+        else:  # the caller chose them (training's sampled rows): only the box is needed
+            voxels, box = np.asarray(voxels), foreground_box(image, settings)[1]
         fine, middle, coarse = settings["scales"]
         columns: dict[str, np.ndarray] = {}
 
