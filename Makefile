@@ -175,7 +175,8 @@ report-check: setup
 
 # `make bench-inference [ARGS="--cases 3 --datasets brain abdom"]`: MOOD-sized toy cases through the previous
 # release's pixel and sample runs and this checkout's one pass for both: seconds per case and per stage, the pure
-# I/O floor, peak memory, the map data types, and the outputs unchanged (bench/bench_inference.py; ~10 min on 2 cores)
+# I/O floor, peak memory, the map data types, and the outputs unchanged (bench/bench_inference.py; ~10 min on 2 cores);
+# models holding voxel classifiers, which that release cannot read, are timed against the models it shipped
 bench-inference: setup
 	$(PY) bench/bench_inference.py $(ARGS)
 

@@ -3,13 +3,17 @@
 Run from the repository root (``make bench-inference``)::
 
     PYTHONPATH=bundle .venv/bin/python bench/bench_inference.py [--cases 3] [--datasets brain abdom]
-        [--models_dir bundle/models] [--reference 9e78e34] [--model_formats pytorch] [--json PATH]
+        [--models_dir bundle/models] [--reference 9e78e34] [--reference_models auto|same|own]
+        [--model_formats pytorch] [--json PATH]
 
 For each dataset it writes labelled toy cases at MOOD's size (``tools.toy_data``: brain 256^3, abdomen 512^3) and
 runs, in child processes of the bundle's inference command on the same cases and models:
 
 - the reference: the bundle of the ``--reference`` commit (by default the last release before one pass wrote both
-  outputs), once with ``--mode pixel`` and once with ``--mode sample``, as its users had to;
+  outputs), once with ``--mode pixel`` and once with ``--mode sample``, as its users had to. It runs the same
+  models (``--reference_models same``) or the models that commit shipped (``own``: release against release, as
+  users get them; the output check then does not apply). ``auto`` (default): the same models where they are
+  networks only, the reference's own where the folder holds voxel classifiers, which that release cannot read;
 - this checkout with ``--mode both``: one pass of the ensemble per case for both outputs.
 
 It reports the median seconds per case of each run (from the progress lines), the median seconds of each stage
@@ -69,6 +73,20 @@ def reference_bundle(commit: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder / "bundle"
+
+
+def reference_models(commit: str, folder: Path) -> Path:
+    """The models folder ``commit`` shipped (``bundle/models``), extracted from git into ``folder``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "bundle/models"],
+                             capture_output=True, check=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "bundle" / "models"
+
+
+def holds_classifiers(models: Path, datasets) -> bool:
+    """Whether a dataset's folder in ``models`` holds voxel classifiers (what releases before 0.13.0 cannot read)."""
+    return any(any((models / d).glob("classifier_*.txt")) for d in datasets)
 
 
 def run_inference(bundle: Path, dataset: str, cases: Path, out: Path, models: Path, mode: str,
@@ -169,7 +187,8 @@ def compare_outputs(data_dir: Path, reference: dict[str, Path], current: Path) -
     return result
 
 
-def bench_dataset(dataset: str, args, work: Path, reference: Path | None) -> dict:
+def bench_dataset(dataset: str, args, work: Path, reference: Path | None, reference_models: Path | None = None
+                  ) -> dict:
     write_toy_dataset(work / "data", dataset, n_train=0, n_toy=args.cases, size=args.size, seed=args.seed)
     data_dir = work / "data" / dataset
     cases = data_dir / "toy"
@@ -179,7 +198,8 @@ def bench_dataset(dataset: str, args, work: Path, reference: Path | None) -> dic
     if reference is not None:
         for mode in ("pixel", "sample"):
             outputs[mode] = work / "reference" / dataset / mode
-            result[f"reference_{mode}"] = run_inference(reference, dataset, cases, outputs[mode], args.models_dir, mode)
+            result[f"reference_{mode}"] = run_inference(reference, dataset, cases, outputs[mode],
+                                                        reference_models or args.models_dir, mode)
     for model_format in args.model_formats:
         out = work / "current" / dataset / model_format
         result[f"both_{model_format}"] = run_inference(REPO / "bundle", dataset, cases, out, args.models_dir, "both",
@@ -196,7 +216,8 @@ def bench_dataset(dataset: str, args, work: Path, reference: Path | None) -> dic
         both = result[f"both_{args.model_formats[0]}"]["median_seconds_per_case"]
         result["both_to_reference_pixel_plus_sample"] = both / ref_both
         result["both_to_reference_pixel"] = both / result["reference_pixel"]["median_seconds_per_case"]
-        result["outputs"] = compare_outputs(data_dir, outputs, current)
+        # other models: the outputs differ by design (their APs on these few cases say little); not compared
+        result["outputs"] = None if reference_models else compare_outputs(data_dir, outputs, current)
         result["map_dtypes"] = map_dtypes(data_dir, outputs["pixel"], work / "map_dtypes")
     shutil.rmtree(work / "data" / dataset)
     return result
@@ -235,6 +256,9 @@ def main(argv=None) -> dict:
     cli.add_argument("--models_dir", type=Path, default=REPO / "bundle" / "models")
     cli.add_argument("--reference", default=DEFAULT_REFERENCE,
                      help="the commit whose bundle is the reference ('none': no reference run)")
+    cli.add_argument("--reference_models", default="auto", choices=("auto", "same", "own"),
+                     help="the reference runs the same models folder or the one its commit shipped (auto: own "
+                          "where --models_dir holds voxel classifiers)")
     cli.add_argument("--model_formats", nargs="+", default=["pytorch"], choices=("pytorch", "torchscript", "onnx"),
                      help="run the ensemble from the state dicts and/or their exports (made here by scripts.export)")
     cli.add_argument("--seed", type=int, default=0)
@@ -244,6 +268,9 @@ def main(argv=None) -> dict:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "reference": args.reference,
               "models_dir": str(args.models_dir), "targets": TARGETS, "datasets": {}}
+    own = args.reference != "none" and (args.reference_models == "own" or (
+        args.reference_models == "auto" and holds_classifiers(args.models_dir, args.datasets)))
+    result["reference_models"] = f"{args.reference}:bundle/models" if own else "same"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = work / "models"
@@ -251,10 +278,11 @@ def main(argv=None) -> dict:
         args.models_dir = models
         exports = [f for f in args.model_formats if f != "pytorch"]
         reference = None if args.reference == "none" else reference_bundle(args.reference, work / "reference_code")
+        their_models = reference_models(args.reference, work / "reference_models") if own else None
         for dataset in args.datasets:
             if exports:
                 export_dataset(models, dataset, exports, bundle_root=REPO / "bundle")
-            result["datasets"][dataset] = bench_dataset(dataset, args, work, reference)
+            result["datasets"][dataset] = bench_dataset(dataset, args, work, reference, their_models)
             print(json.dumps({dataset: result["datasets"][dataset]}, indent=1), flush=True)
     save_json(result, args.json)
     print(tables(result), flush=True)

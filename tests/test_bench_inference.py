@@ -44,3 +44,15 @@ def test_bench_inference_against_the_previous_release(default_models, tmp_path):
     for exact in ("float16", "float32", "nibabel_default"):  # what MOOD's evaluator reads is the same
         assert dtypes[exact]["ap_change"] == 0 and dtypes[exact]["megabytes"] > 0
     assert abs(dtypes["uint16"]["ap_change"]) < 1e-3 and outputs["pixel_ap"]["change"] == 0
+
+
+@pytest.mark.skipif(not has_commit(bench_inference.DEFAULT_REFERENCE), reason="needs the repository's history")
+def test_classifier_models_are_compared_with_the_models_the_reference_shipped(default_models, tmp_path):
+    # the reference release reads networks only: by default a folder of voxel classifiers (the shipped one) is
+    # compared release against release, each with its own models; networks run the same models in both
+    shipped = ROOT / "bundle" / "models"
+    assert bench_inference.holds_classifiers(shipped, ["brain", "abdom"])
+    assert not bench_inference.holds_classifiers(default_models, ["brain", "abdom"])
+    theirs = bench_inference.reference_models(bench_inference.DEFAULT_REFERENCE, tmp_path / "reference")
+    assert sorted(p.name for p in (theirs / "brain").glob("fold_*.pt")) == [f"fold_{k}.pt" for k in range(5)]
+    assert not bench_inference.holds_classifiers(theirs, ["brain", "abdom"])
