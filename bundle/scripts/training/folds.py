@@ -149,11 +149,29 @@ def _parse_overrides(overrides: list[str]) -> dict:
             if not items:
                 raise ValueError(f"{flag} has no value")
             value = items.pop(0)
-        try:
-            parsed[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed[key] = value
+        parsed[key] = _literal(value)
     return parsed
+
+
+class _BareWordsAsStrings(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.Constant:
+        return ast.copy_location(ast.Constant(node.id), node)
+
+
+def _literal(value: str):
+    """``value`` as python-fire reads it (so the plan and the fold processes agree): a Python literal, where bare
+    words inside a list, tuple or dict are strings (``[texture,mirror]`` is ``['texture', 'mirror']``); else the
+    string itself."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    if value.strip()[:1] in "[({":
+        try:
+            return ast.literal_eval(_BareWordsAsStrings().visit(ast.parse(value.strip(), mode="eval")))
+        except (ValueError, SyntaxError):
+            pass
+    return value
 
 
 def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) -> tuple[str, Path, int]:
