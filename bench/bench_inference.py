@@ -66,22 +66,23 @@ TARGETS = {"brain_both_to_reference": 0.6, "abdom_both_to_reference_pixel": 0.6,
            "peak_memory_gb_512": 3.0, "gpu_ratio_to_io": 1.2, "ap_change": 1e-4, "score_change": 1e-5}
 
 
-def reference_bundle(commit: str, folder: Path) -> Path:
-    """The bundle (configs and code) of ``commit``, extracted from git into ``folder``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "bundle/configs",
-                              "bundle/scripts"], capture_output=True, check=True).stdout
+def from_commit(commit: str, paths: list[str], folder: Path) -> Path:
+    """``paths`` of ``commit`` extracted from git into ``folder``; returns ``folder / "bundle"``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths],
+                             capture_output=True, check=True).stdout
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder / "bundle"
 
 
+def reference_bundle(commit: str, folder: Path) -> Path:
+    """The bundle (configs and code) of ``commit``."""
+    return from_commit(commit, ["bundle/configs", "bundle/scripts"], folder)
+
+
 def reference_models(commit: str, folder: Path) -> Path:
-    """The models folder ``commit`` shipped (``bundle/models``), extracted from git into ``folder``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "bundle/models"],
-                             capture_output=True, check=True).stdout
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder / "bundle" / "models"
+    """The models folder ``commit`` shipped (``bundle/models``)."""
+    return from_commit(commit, ["bundle/models"], folder) / "models"
 
 
 def holds_classifiers(models: Path, datasets) -> bool:

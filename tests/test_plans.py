@@ -243,13 +243,15 @@ def test_training_refuses_too_few_scans_before_any_fold(normal_scans, tmp_path):
     assert not (tmp_path / "run" / "models").exists()  # no plan, no fold started
 
 
-@pytest.mark.parametrize("value", ["[texture,mirror]", "['texture', 'mirror']", "{x: 1, y: [b, 2]}", "1e-3", "[1,2]",
-                                   "hello world", "$None", "(a,)", "True", "none", "'[a,b]'"])
-def test_the_plan_reads_a_command_line_override_as_the_fold_processes_do(value):
+@pytest.mark.parametrize("value, expected", [
+    ("[texture,mirror]", ["texture", "mirror"]), ("['texture', 'mirror']", ["texture", "mirror"]),
+    ("{x: 1, y: [b, 2]}", {"x": 1, "y": ["b", 2]}), ("1e-3", 0.001), ("[1,2]", [1, 2]), ("hello world", "hello world"),
+    ("$None", "$None"), ("(a,)", ("a",)), ("True", True), ("none", "none"), ("'[a,b]'", "[a,b]")])
+def test_the_plan_reads_a_command_line_override_as_the_fold_processes_do(value, expected):
     # the plan is written by training's parent process, the folds by `monai.bundle run` (python-fire): a list of
     # bare words must reach both as the same list, or the plan's feature groups fail while the folds would not
     import fire.parser
 
     from scripts.training.folds import _parse_overrides
 
-    assert _parse_overrides(["--key", value]) == {"key": fire.parser.DefaultParseValue(value)}
+    assert _parse_overrides(["--key", value]) == {"key": expected} == {"key": fire.parser.DefaultParseValue(value)}

@@ -5,7 +5,6 @@ plan written once before they start."""
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import logging
@@ -16,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fire.parser
 import torch
 
 from scripts import MONAI_CONFIG_NOTICE_FILTER
@@ -138,7 +138,7 @@ def _fold_command(fold: int, config_files: list[str], overrides: list[str], bund
 
 def _parse_overrides(overrides: list[str]) -> dict:
     """``--key value`` / ``--key=value`` command-line overrides as MONAI's CLI (python-fire) reads them: Python
-    literals where they parse, strings otherwise."""
+    literals where they parse (bare words in a list are strings: ``[texture,mirror]``), strings otherwise."""
     parsed, items = {}, list(overrides)
     while items:
         flag = items.pop(0)
@@ -149,29 +149,8 @@ def _parse_overrides(overrides: list[str]) -> dict:
             if not items:
                 raise ValueError(f"{flag} has no value")
             value = items.pop(0)
-        parsed[key] = _literal(value)
+        parsed[key] = fire.parser.DefaultParseValue(value)  # as the fold processes (monai.bundle run) read it
     return parsed
-
-
-class _BareWordsAsStrings(ast.NodeTransformer):
-    def visit_Name(self, node: ast.Name) -> ast.Constant:
-        return ast.copy_location(ast.Constant(node.id), node)
-
-
-def _literal(value: str):
-    """``value`` as python-fire reads it (so the plan and the fold processes agree): a Python literal, where bare
-    words inside a list, tuple or dict are strings (``[texture,mirror]`` is ``['texture', 'mirror']``); else the
-    string itself."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass
-    if value.strip()[:1] in "[({":
-        try:
-            return ast.literal_eval(_BareWordsAsStrings().visit(ast.parse(value.strip(), mode="eval")))
-        except (ValueError, SyntaxError):
-            pass
-    return value
 
 
 def write_plan(config_files: list[str], overrides: list[str], bundle_root: str) -> tuple[str, Path, int]:
