@@ -55,9 +55,9 @@ def run_bundle(dataset: str, input_dir: Path, output_dir: Path, models_dir: Path
 
 
 def toy_folder(normal_scans, dataset: str, folder: Path) -> Path:
-    """Three tiny scans of ``dataset`` and one corrupt file."""
+    """Two tiny scans of ``dataset`` and one corrupt file (the shipped models take about 20 s a scan: CI time)."""
     folder.mkdir(parents=True)
-    for path in sorted(normal_scans[dataset].glob("*.nii.gz"))[:3]:
+    for path in sorted(normal_scans[dataset].glob("*.nii.gz"))[:2]:
         shutil.copy(path, folder / path.name)
     (folder / "corrupt.nii.gz").write_bytes(b"not a NIfTI file")
     return folder
@@ -66,7 +66,7 @@ def toy_folder(normal_scans, dataset: str, folder: Path) -> Path:
 def assert_same_outputs(app_out: Path, bundle_out: Path) -> None:
     pixel_dir, sample_dir = bundle_out / "pixel", bundle_out / "sample"
     maps = sorted(p.name for p in pixel_dir.iterdir())
-    assert sorted(p.name for p in (app_out / "pixel").iterdir()) == maps and len(maps) == 3
+    assert sorted(p.name for p in (app_out / "pixel").iterdir()) == maps and len(maps) == 2
     for name in maps:
         expected = np.asanyarray(nib.load(pixel_dir / name).dataobj)
         written = nib.load(app_out / "pixel" / name)
@@ -74,7 +74,7 @@ def assert_same_outputs(app_out: Path, bundle_out: Path) -> None:
         np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected)
         assert np.allclose(written.affine, nib.load(pixel_dir / name).affine)
     scores = sorted(p.name for p in sample_dir.iterdir())
-    assert sorted(p.name for p in (app_out / "sample").iterdir()) == scores and len(scores) == 4
+    assert sorted(p.name for p in (app_out / "sample").iterdir()) == scores and len(scores) == 3
     for name in scores:
         assert (app_out / "sample" / name).read_text() == (sample_dir / name).read_text()
     assert (sample_dir / "corrupt.nii.gz.txt").read_text().strip() == "1.000000"  # the fallback score
@@ -88,7 +88,7 @@ def test_app_outputs_equal_bundle_inference_with_the_shipped_models(dataset, nor
         result = run_app(inputs, tmp_path / "app", models, FAILED_CASES_EXIT_CODE, MOOD_DATASET="brain")
     else:  # one dataset's folder: the dataset is its name
         result = run_app(inputs, tmp_path / "app", models / dataset, FAILED_CASES_EXIT_CODE)
-    assert "summary: 3 done, 1 failed" in result.stdout
+    assert "summary: 2 done, 1 failed" in result.stdout
     run_bundle(dataset, inputs, tmp_path / "bundle", models, "pytorch")
     assert_same_outputs(tmp_path / "app", tmp_path / "bundle")
 
