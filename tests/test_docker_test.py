@@ -139,7 +139,7 @@ def test_every_script_runs_natively_then_into_the_graders_folders(tmp_path, monk
     result = docker_test.run_docker_test(tmp_path / "out", size=16, cases=2, build_first=False)
     scripts = [f"/workspace/run_{m}_{d}.sh" for d in ("brain", "abdom") for m in ("pixel", "sample")]
     # all four into root's 755 folders through `sh`, then one into another uid's folder as the bare script
-    assert calls == [(s, 0, 0o755, True) for s in scripts] + [(scripts[0], docker_test.OTHER_UID, 0o755, False)]
+    assert calls == [(s, 0, 0o755, True) for s in scripts] + [(scripts[2], docker_test.OTHER_UID, 0o755, False)]
     assert result["seconds_per_case"]["native"]["pixel_brain"] == 2.0
     assert result["seconds_per_case"]["container"]["pixel_brain"] == 3.0
     if broken:
