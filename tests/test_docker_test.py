@@ -117,10 +117,13 @@ def _fake_predictions(cases, outputs, mode, value=0.25):
 def test_every_script_runs_natively_then_into_the_graders_folders(tmp_path, monkeypatch, broken):
     """The runs without podman: run_script and the container are replaced by writers of known outputs, so what is
     checked is which runs happen, into which folders, and that a wrong container output fails the test."""
-    calls = []
+    calls, natives = [], []
 
     def native(mode, dataset, cases, predictions, quiet):
-        _fake_predictions(cases, predictions, mode)
+        assert mode == "both"  # one native pass per dataset: the reference of both scripts
+        natives.append(dataset)
+        for task in ("pixel", "sample"):
+            _fake_predictions(cases, predictions, task)
         return 2.0 * len(list(cases.glob("*.nii.gz")))  # 2 s per case
 
     def container(cmd, log):
@@ -140,11 +143,11 @@ def test_every_script_runs_natively_then_into_the_graders_folders(tmp_path, monk
     scripts = [f"/workspace/run_{m}_{d}.sh" for d in ("brain", "abdom") for m in ("pixel", "sample")]
     # all four into root's 755 folders through `sh`, then one into another uid's folder as the bare script
     assert calls == [(s, 0, 0o755, True) for s in scripts] + [(scripts[2], docker_test.OTHER_UID, 0o755, False)]
-    assert result["seconds_per_case"]["native"]["pixel_brain"] == 2.0
+    assert natives == ["brain", "abdom"] and result["seconds_per_case"]["native"]["brain"] == 2.0
     assert result["seconds_per_case"]["container"]["pixel_brain"] == 3.0
     if broken:
         assert [p.split(": ")[1] for p in result["problems"]] == ["differs from " + str(
-            tmp_path / "out/native/sample_abdom" / name) for name in ("toy_0.nii.gz.txt", "toy_1.nii.gz.txt")]
+            tmp_path / "out/native/abdom" / name) for name in ("toy_0.nii.gz.txt", "toy_1.nii.gz.txt")]
     else:
         assert result["problems"] == [] and all(result["byte_identical"].values())
 

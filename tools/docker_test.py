@@ -12,17 +12,20 @@ no network:
 1. makes the base image locally (``docker/make_base_image.sh``: debootstrap; no registry is reachable here) and
    builds ``docker/Dockerfile`` with the CPU build of torch (the wheel on this machine's disk, else PyPI's CPU
    index), and checks that the torch inside is the CPU build;
-2. writes a small MOOD-layout toy set (``tools.toy_data``) and runs the four scripts natively from this checkout
-   (the reference), then in the container: the output folder made as the grader makes it (``os.makedirs`` by
-   root: owned by root, mode 755) for all four, and owned by another uid for one, called as the submission page
-   writes it (the script itself, not ``sh`` script);
+2. writes a small MOOD-layout toy set (``tools.toy_data``) and scores it natively from this checkout (the
+   reference: the four scripts' shared body, ``run_mood.sh both``, one pass per dataset that writes exactly what
+   the pixel and the sample script write, ``tests/test_predict.py``), then runs the four scripts in the
+   container: the output folder made as the grader makes it (``os.makedirs`` by root: owned by root, mode 755) for
+   all four, and owned by another uid for one, called as the submission page writes it (the script itself, not
+   ``sh`` script);
 3. checks that every script exits 0 and every case has its output and nothing else is left; that the pixel maps
    have the input's shape and affine and values in [0, 1]; and that the outputs equal the native ones (the map's
    voxels and affine, the score's text; whether the files are byte-identical too is recorded, not required, as
    another zlib may compress the same map differently), then scores them with the challenge's metric
    (``scripts.evaluate``);
-4. prints the image size, the build time and the seconds per case in the container against native (each script's
-   wall time over its cases, start-up included), and writes them to ``<output_dir>/docker_test.json``.
+4. prints the image size, the build time and the seconds per case in the container against native (each run's
+   wall time over its cases, start-up included; natively one pass per dataset), and writes them to
+   ``<output_dir>/docker_test.json``.
 
 Every failed check is one line; the exit code is 1 if any check failed, 2 when podman cannot run here.
 """
@@ -243,21 +246,21 @@ def run_docker_test(output_dir: Path, image: str = IMAGE, size: int = 64, cases:
     runs = []  # (mode, dataset, owner of the output folder)
     runs += [(mode, dataset, 0) for dataset in DATASETS for mode in MODES]
     runs += [(mode, dataset, OTHER_UID) for mode, dataset in OTHER_OWNER_RUNS]
-    seconds = {"native": {}, "container": {}}
+    seconds = {"native": {}, "container": {}}  # native: per dataset (one pass for both tasks)
     shutil.rmtree(output_dir / "data", ignore_errors=True)  # only this run's cases (the times are per case)
     for dataset in DATASETS:
         write_toy_dataset(output_dir / "data", dataset, n_train=0, n_toy=cases, size=size, seed=0)
     for mode, dataset, owner in runs:
         data_dir = output_dir / "data" / dataset
         name = f"{mode}_{dataset}"
-        native = output_dir / "native" / name
-        if name not in seconds["native"]:
+        native = output_dir / "native" / dataset
+        if dataset not in seconds["native"]:
             shutil.rmtree(native, ignore_errors=True)
             try:
-                seconds["native"][name] = run_script(mode, dataset, data_dir / "toy", native, quiet=True) / cases
+                seconds["native"][dataset] = run_script("both", dataset, data_dir / "toy", native, quiet=True) / cases
             except RuntimeError as err:  # no reference: the container's outputs are still checked on their own
                 problems.append(f"the native {err}")
-                seconds["native"][name] = None
+                seconds["native"][dataset] = None
         out = _grader_folder(output_dir / "container" / f"{name}_uid{owner}", owner)
         log = logs / f"{name}_uid{owner}.log"
         print(f"docker-test: run_{name}.sh in the container, output folder owned by uid {owner}", flush=True)
@@ -268,16 +271,14 @@ def run_docker_test(output_dir: Path, image: str = IMAGE, size: int = 64, cases:
         if rc != 0:
             problems.append(f"run_{name}.sh (output folder of uid {owner}) exited {rc}:\n{_tail(log)}")
             continue
-        reference = native if seconds["native"][name] is not None else None
+        reference = native if seconds["native"][dataset] is not None else None
         problems += check_outputs(data_dir / "toy", out, mode, reference)
         if reference is not None:  # beyond the check: the files themselves, gzip stream included
             result.setdefault("byte_identical", {})[f"{name}_uid{owner}"] = all(
                 (reference / path.name).is_file() and filecmp.cmp(path, reference / path.name, shallow=False)
                 for path in out.iterdir())
-        if owner == 0:
-            folders = {"container": out, **({"native": reference} if reference else {})}
-            result.setdefault("average_precision", {})[name] = {
-                where: evaluate(data_dir, folder, mode)["average_precision"] for where, folder in folders.items()}
+        if owner == 0:  # the native outputs are the same files (checked above)
+            result.setdefault("average_precision", {})[name] = evaluate(data_dir, out, mode)["average_precision"]
     result["seconds_per_case"] = seconds
     return result
 
@@ -290,10 +291,11 @@ def _summary(result: dict) -> str:
     lines = [f"image {result['image']}: {result['image_bytes'] / 1e9:.2f} GB"
              + (f", torch {result['torch']}, built in {result['build_seconds']:.0f} s" if "torch" in result else "")]
     seconds = result["seconds_per_case"]
-    for name, native in seconds["native"].items():
-        container = seconds["container"].get(name)
-        ap = result.get("average_precision", {}).get(name, {}).get("container")
+    for name, container in seconds["container"].items():
+        native = seconds["native"].get(name.split("_", 1)[1])
+        ap = result.get("average_precision", {}).get(name)
         lines.append(f"  run_{name}.sh: {_seconds(container)} per case in the container, {_seconds(native)} native"
+                     " (both tasks' one pass)"
                      + (f" ({container / native:.2f}x)" if container is not None and native is not None else "")
                      + (f"; AP {ap:.3f}" if ap is not None else ""))
     identical = result.get("byte_identical", {})
