@@ -7,9 +7,10 @@ classifier and by the network folds that held the same tasks out) and recorded i
 Each classifier fold scores its validation samples with every candidate (:data:`CANDIDATES`: weighted means of the
 two maps with the classifier's weight 0 to 1, and their maximum), the networks' map being the mean of the network
 folds that trained on none of its validation tasks; training records the candidate with the highest mean pixel AP
-over the folds. A weight of 1 keeps the classifier alone (the networks are not copied), a weight of 0 the networks
-alone (the classifier's model files are removed); otherwise the networks' fold files join the folder and the plan's
-``network`` names them.
+over the folds, unless it beats the classifier alone by less than :data:`MIN_GAIN` (networks cost inference time
+for a gain within the noise of the validation). A weight of 1 keeps the classifier alone (the networks are not
+copied), a weight of 0 the networks alone (the classifier's model files are removed); otherwise the networks' fold
+files join the folder and the plan's ``network`` names them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from scripts.io.files import load_json, save_json
 from scripts.plans import PLAN_FILE, load_plan
 
-__all__ = ["CANDIDATES", "FusedEnsemble", "check_fusable", "fuse", "networks_plan", "record_fusion", "shared_setting"]
+__all__ = ["CANDIDATES", "MIN_GAIN", "FusedEnsemble", "check_fusable", "fuse", "networks_plan", "record_fusion",
+           "shared_setting"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ logger = logging.getLogger(__name__)
 # the voxel-wise maximum
 CANDIDATES = (("weighted_mean", 0.0), ("weighted_mean", 0.25), ("weighted_mean", 0.5), ("weighted_mean", 0.75),
               ("weighted_mean", 1.0), ("max", None))
+
+
+# the relative gain in mean validation pixel AP over the classifier alone that a candidate keeping the networks must
+# reach: below it the networks would cost a fused scan about 9 s (brain, 2 cores) for a tie (the equal-budget study,
+# docs/experiments/2026-12-07-voxel-classifier.md: CPU networks' maximum 0.1693 against the classifier's 0.1693)
+MIN_GAIN = 0.02
 
 
 def candidate_name(method: str, weight: float | None) -> str:
@@ -107,15 +115,17 @@ def check_fusable(plan: Mapping, networks_plan: Mapping, networks_dir: str | Pat
 
 
 def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks_dir: str | Path) -> dict:
-    """Choose the candidate with the highest mean validation pixel AP over the folds' ``fusion_validation`` and
-    record it in the plan. The folder then holds what the winner needs: the networks' fold files are copied in
-    unless the classifier alone wins; when the networks alone win, the classifier's model files are removed and the
-    plan becomes the networks' own (their split and calibration), the folds' records keeping the classifier's
-    validation."""
+    """Choose the candidate with the highest mean validation pixel AP over the folds' ``fusion_validation`` (the
+    classifier alone unless the best beats it by :data:`MIN_GAIN`) and record it in the plan. The folder then holds
+    what the winner needs: the networks' fold files are copied in unless the classifier alone wins; when the
+    networks alone win, the classifier's model files are removed and the plan becomes the networks' own (their split
+    and calibration), the folds' records keeping the classifier's validation."""
     ensemble_dir, networks_dir = Path(ensemble_dir), Path(networks_dir)
     names = [candidate_name(m, w) for m, w in CANDIDATES]
     means = {n: sum(r["fusion_validation"][n] for r in records) / len(records) for n in names}
-    best = max(names, key=lambda n: (means[n], n == "weighted_mean_1"))  # a tie keeps the classifier alone
+    best = max(names, key=lambda n: (means[n], n == "weighted_mean_1"))
+    if means[best] < means["weighted_mean_1"] * (1 + MIN_GAIN):  # a tie, or a gain within the noise
+        best = "weighted_mean_1"
     method, weight = CANDIDATES[names.index(best)]
     path = ensemble_dir / PLAN_FILE
     plan = load_json(path)
@@ -136,7 +146,7 @@ def record_fusion(ensemble_dir: str | Path, records: Sequence[Mapping], networks
                       "classifier_kept": not alone,
                       "networks": {"folds": folds, "source": str(networks_dir),
                                    "plan": lent},
-                      "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
+                      "min_gain": MIN_GAIN, "validation_pixel_ap": {n: round(v, 4) for n, v in means.items()}}
     plan.pop("operating_points", None)
     save_json(plan, path)
     logger.info("fusion chosen on the synthetic validation: %s (mean pixel AP %.3f; classifier alone %.3f, networks "
