@@ -140,6 +140,26 @@ def test_training_writes_the_plan_the_folds_and_their_hashes(trained):
         assert set(fold["per_task_pixel_ap"]) == set(fold["val_tasks"])  # each held-out task on its own
         assert (folder / f"classifier_{k}.txt").read_text().startswith("tree")  # LightGBM's text model
     assert plan["operating_points"]["sample"]["thresholds"]
+    assert plan["operating_points"]["folds"] == record["files"]  # measured with these trees and statistics
+
+
+def test_operating_points_of_another_classifier_are_not_used(trained, tmp_path):
+    """A classifier fold retrained since the calibration (its file and the plan's hash both new) is another
+    ensemble: its scans are not flagged."""
+    from scripts.classifier.features import sha256_of
+    from scripts.inference.operating_points import operating_point
+    from scripts.plans import load_plan
+
+    models = tmp_path / "models"
+    shutil.copytree(trained, models)
+    assert operating_point(load_plan(models, "brain"), models, "brain", 0.05, 0.001)["sample_threshold"] is not None
+    folder = models / "brain"
+    shutil.copyfile(folder / "classifier_0.txt", folder / "classifier_1.txt")
+    plan = json.loads((folder / "plans.json").read_text())
+    plan["classifier"]["files"]["classifier_1.txt"] = sha256_of(folder / "classifier_1.txt")
+    (folder / "plans.json").write_text(json.dumps(plan))
+    point = operating_point(load_plan(models, "brain"), models, "brain", 0.05, 0.001)
+    assert point["sample_threshold"] is None and point["voxel_threshold"] is None
 
 
 def predict(models: Path, inputs: Path, output: Path, mode: str, check: bool = True):

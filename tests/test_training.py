@@ -71,6 +71,38 @@ def test_the_cache_of_decoded_scans_goes_under_the_run_folder_by_default(tmp_pat
     assert parser.get_parsed_content("cache_dir") == str(tmp_path / "run" / "cache")
 
 
+def _preprocessed(scans: Path, cache: Path, spatial_size: list[int]):
+    from monai.bundle import ConfigParser
+
+    from scripts.training.folds import cached_scans
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(ROOT / "bundle", "train", "brain"))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "plan": {"spatial_size": spatial_size,
+                                                                 "foreground_fraction": 0.01}})
+    paths = sorted(str(p) for p in scans.iterdir())[:1]
+    return cached_scans(paths, parser.get_parsed_content("preprocessing"), cache, scans)
+
+
+def test_a_cache_made_at_another_working_grid_is_not_read_back(normal_scans, tmp_path):
+    """The cache key holds the preprocessing's settings (MONAI's json_hashing alone keys on the transforms' class
+    names): a run at another spatial_size sharing the cache folder gets its own volumes; the key is the same in
+    another process, so a cache is reused."""
+    cache = tmp_path / "cache"
+    first = _preprocessed(normal_scans["brain"], cache, [16, 16, 16])
+    assert first[0]["image"].shape[1:] == (16, 16, 16)
+    second = _preprocessed(normal_scans["brain"], cache, [20, 20, 20])
+    assert second[0]["image"].shape[1:] == (20, 20, 20) and second.transform_hash != first.transform_hash
+    assert len(list(cache.rglob("*.pt"))) == 2
+    code = ("import sys; sys.path[:0] = ['tests']; from pathlib import Path; from test_training import _preprocessed;"
+            f"print(_preprocessed(Path({str(normal_scans['brain'])!r}), Path({str(cache)!r}), [16, 16, 16])"
+            ".transform_hash)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bundle"))
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert other.stdout.strip().splitlines()[-1] == first.transform_hash
+
+
 def test_same_seed_same_validation_and_training(normal_scans, tmp_path):
     outputs = []
     for name in ("a", "b"):

@@ -146,10 +146,12 @@ def calibrate(predictor, normals: Iterable[Mapping], anomalous: Iterable[Mapping
 
 
 def fold_digests(models_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
-    """SHA-256 of each fold's state dict: an operating point holds only for the weights it was measured with."""
+    """SHA-256 of each model fold's files (networks' state dicts, classifiers' trees and normals' statistics): an
+    operating point holds only for the models it was measured with."""
     folder = Path(models_dir) / dataset
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.glob(f"fold_*{MODEL_SUFFIXES['pytorch']}"))}
+    files = [*folder.glob(f"fold_*{MODEL_SUFFIXES['pytorch']}"), *folder.glob("classifier_*.txt"),
+             *folder.glob("normative_*.npz")]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
 
 
 def record_operating_points(models_dir: str | os.PathLike, dataset: str, record: Mapping, source: str) -> Path:

@@ -13,10 +13,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from pathlib import Path
 
 import fire.parser
+import numpy as np
 import torch
+from monai.data.utils import json_hashing
 
 from scripts import MONAI_CONFIG_NOTICE_FILTER
 from scripts.calibration import calibrate_training_run
@@ -26,7 +29,8 @@ from scripts.inference.ensemble import load_weights
 from scripts.io.files import save_json
 from scripts.plans import load_plan, record_classifier_files
 
-__all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "save_fold_result", "train_folds"]
+__all__ = ["cache_folder", "cached_scans", "check_arguments", "initial_weights", "preprocessing_hashing",
+           "save_fold_result", "train_folds"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +42,48 @@ def cache_folder(cache_dir: str | Path, dataset_dir: str | Path) -> str:
     return str(Path(cache_dir) / f"{Path(dataset_dir).name}-{key}")
 
 
+def _described(value, depth: int = 0):
+    """A JSON-able description of a transform's settings: plain values as they are, objects as their class and
+    attributes (a few levels deep), never an object's repr (it holds a memory address that changes per process)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Enum):
+        return _described(value.value, depth)
+    if isinstance(value, (list, tuple)):
+        return [_described(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _described(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        return {"shape": list(array.shape), "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
+    if isinstance(value, (torch.dtype, np.dtype)):
+        return str(value)
+    name = f"{getattr(type(value), '__module__', '')}.{type(value).__qualname__}"
+    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', name)}"
+    if depth >= 5 or not hasattr(value, "__dict__"):
+        return name
+    return {"class": name, **{k: _described(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "R"}}
+
+
+def preprocessing_hashing(transforms) -> bytes:
+    """The cache key of the preprocessing: its transforms with their settings. MONAI's ``json_hashing`` cannot
+    serialise a transform and falls back to the class names, so a cache made at another ``spatial_size`` or
+    foreground fraction would be read back as if it were this one."""
+    return json_hashing(_described(transforms))
+
+
 def cached_scans(scans, preprocessing, cache_dir: str | Path, dataset_dir: str | Path | None):
     """The preprocessed ``scans`` (paths) as a MONAI PersistentDataset: decoded and resampled once, then read
-    back from ``cache_dir``; the key includes the preprocessing, so changing it (e.g. ``spatial_size``)
-    never reuses stale volumes. None for ``scans`` None (no foreign scans: ``poisson_inter`` is off)."""
+    back from ``cache_dir``; the key includes the preprocessing's settings (:func:`preprocessing_hashing`), so
+    changing them (e.g. ``spatial_size``) never reuses stale volumes. None for ``scans`` None (no foreign scans:
+    ``poisson_inter`` is off)."""
     if scans is None:
         return None
     from monai.data import PersistentDataset
-    from monai.data.utils import json_hashing
 
     return PersistentDataset([{"image": s} for s in scans], transform=preprocessing,
-                             cache_dir=cache_folder(cache_dir, dataset_dir), hash_transform=json_hashing)
+                             cache_dir=cache_folder(cache_dir, dataset_dir), hash_transform=preprocessing_hashing)
 
 
 def check_arguments(dataset_dir, output_dir, bundle_root) -> None:
