@@ -90,7 +90,8 @@ def load_classifier(models_dir: str | Path, dataset: str, plan: Mapping, allow_p
                                 f"normative_<k>.npz in {str(folder)!r}; train with 'make train' or pass --models_dir")
     if missing and not allow_partial:
         raise ValueError(f"{str(folder)!r} holds {len(present)} of the {len(folds)} classifier folds its plan trained "
-                         f"(folds {missing} missing): finish training them, or pass --allow_partial_ensemble true")
+                         f"(folds {missing} missing): finish training them, or pass --allow_partial_ensemble "
+                         "(monai.bundle run: --allow_partial_ensemble true)")
     bank = FeatureBank(record["features"])
     members = []
     for k in present:

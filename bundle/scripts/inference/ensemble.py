@@ -148,7 +148,8 @@ def check_folds(files: Sequence[Path], plan: dict | None, allow_partial: bool = 
     if missing and not allow_partial:
         raise ValueError(f"{str(folder)!r} holds {len(expected) - len(missing)} of the {len(expected)} fold models its "
                          f"plan trained ({', '.join(missing)} missing): finish training them, or pass "
-                         "--allow_partial_ensemble true to score with the folds there are")
+                         "--allow_partial_ensemble (monai.bundle run: --allow_partial_ensemble true) to score with "
+                         "the folds there are")
     if missing:
         logger.warning("a partial ensemble: %s missing from %s", ", ".join(missing), folder)
 
