@@ -103,6 +103,40 @@ def test_a_cache_made_at_another_working_grid_is_not_read_back(normal_scans, tmp
     assert other.stdout.strip().splitlines()[-1] == first.transform_hash
 
 
+def test_the_cache_key_tells_settings_apart_and_holds_no_address():
+    """Each kind of setting a transform may hold changes the key when it changes: numbers of any type, paths,
+    functions (by code, defaults and closure), partials, methods, sets, dict keys, tensors of any dtype; cycles end."""
+    import functools
+    from pathlib import Path
+
+    import numpy as np
+
+    from scripts.training.folds import preprocessing_hashing
+
+    def scale(factor):
+        return lambda x: x * factor
+
+    class Holder:
+        def __init__(self, setting):
+            self.setting = setting
+
+        def apply(self, x):
+            return x
+
+    pairs = [(np.float32(0.5), np.float32(0.25)), (Path("a"), Path("b")), (scale(2), scale(3)),
+             (lambda x: x + 1, lambda x: x + 2), (functools.partial(max, 1), functools.partial(max, 2)),
+             (Holder(1).apply, Holder(2).apply), ({1, 2}, {1, 3}), ({1: "a"}, {"1": "a"}),
+             (torch.zeros(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)),
+             (torch.zeros(2), torch.zeros(2, dtype=torch.int32)), (slice(0, 2), slice(0, 3))]
+    for first, second in pairs:
+        assert preprocessing_hashing([Holder(first)]) != preprocessing_hashing([Holder(second)]), (first, second)
+        assert preprocessing_hashing([Holder(first)]) == preprocessing_hashing([Holder(first)])
+    cycle = Holder(None)
+    cycle.setting = [cycle]
+    assert preprocessing_hashing([cycle])
+    assert preprocessing_hashing([Holder(object())]) == preprocessing_hashing([Holder(object())])  # no address
+
+
 def test_same_seed_same_validation_and_training(normal_scans, tmp_path):
     outputs = []
     for name in ("a", "b"):

@@ -5,13 +5,16 @@ plan written once before they start."""
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
@@ -42,28 +45,70 @@ def cache_folder(cache_dir: str | Path, dataset_dir: str | Path) -> str:
     return str(Path(cache_dir) / f"{Path(dataset_dir).name}-{key}")
 
 
-def _described(value, depth: int = 0):
-    """A JSON-able description of a transform's settings: plain values as they are, objects as their class and
-    attributes (a few levels deep), never an object's repr (it holds a memory address that changes per process)."""
+_MAX_DEPTH = 12  # deep enough for a reader inside a list inside LoadImaged; a guard against runaway structures
+
+
+def _type_name(value) -> str:
+    kind = value if isinstance(value, type) else type(value)
+    return f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', kind.__name__)}"
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A function's code, as bytecode and constants (nested code objects by their own digest, never their repr)."""
+    digest = hashlib.sha256(code.co_code)
+    for constant in code.co_consts:
+        digest.update((_code_digest(constant) if isinstance(constant, types.CodeType)
+                       else json.dumps(_described(constant), sort_keys=True)).encode())
+    return digest.hexdigest()
+
+
+def _described(value, seen: frozenset = frozenset(), depth: int = 0):
+    """A JSON-able description of a transform's settings: plain values as they are, arrays by dtype, shape and
+    digest, functions by name and code, objects by class and attributes; never an object's repr or id (they change
+    per process)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, np.generic):
+        return _described(value.item(), seen, depth)
     if isinstance(value, Enum):
-        return _described(value.value, depth)
-    if isinstance(value, (list, tuple)):
-        return [_described(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _described(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        return {"shape": list(array.shape), "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
-    if isinstance(value, (torch.dtype, np.dtype)):
+        return _described(value.value, seen, depth)
+    if isinstance(value, (Path, torch.device, torch.dtype, np.dtype)):
         return str(value)
-    name = f"{getattr(type(value), '__module__', '')}.{type(value).__qualname__}"
-    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
-        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', name)}"
-    if depth >= 5 or not hasattr(value, "__dict__"):
-        return name
-    return {"class": name, **{k: _described(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "R"}}
+    if isinstance(value, slice):
+        return {"slice": [_described(v, seen, depth) for v in (value.start, value.stop, value.step)]}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        tensor = torch.as_tensor(value).detach().cpu().contiguous().reshape(-1)
+        return {"dtype": str(tensor.dtype), "shape": list(value.shape),
+                "sha256": hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()}
+    if isinstance(value, type):
+        return _type_name(value)
+    if id(value) in seen or depth >= _MAX_DEPTH:  # a cycle, or too deep: the class only
+        return _type_name(value)
+    seen, depth = seen | {id(value)}, depth + 1
+    if isinstance(value, (list, tuple)):
+        return [_described(v, seen, depth) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_described(v, seen, depth) for v in value), key=lambda d: json.dumps(d, sort_keys=True))
+    if isinstance(value, dict):  # keys by their description: no repr, and 1 and "1" stay apart
+        return {json.dumps(_described(k, seen, depth), sort_keys=True): _described(v, seen, depth)
+                for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {"partial": _described(value.func, seen, depth), "args": _described(value.args, seen, depth),
+                "keywords": _described(value.keywords, seen, depth)}
+    if inspect.ismethod(value):
+        return {"method": f"{value.__func__.__module__}.{value.__func__.__qualname__}",
+                "self": _described(value.__self__, seen, depth)}
+    if inspect.isfunction(value) or inspect.isbuiltin(value):
+        described = {"function": f"{getattr(value, '__module__', '')}.{value.__qualname__}"}
+        if inspect.isfunction(value):
+            cells = [c.cell_contents for c in value.__closure__ or ()]
+            described.update(code=_code_digest(value.__code__), defaults=_described(value.__defaults__, seen, depth),
+                             closure=_described(cells, seen, depth))
+        return described
+    if not hasattr(value, "__dict__"):
+        return _type_name(value)
+    return {"class": _type_name(value),
+            **{k: _described(v, seen, depth) for k, v in sorted(vars(value).items()) if k != "R"}}
 
 
 def preprocessing_hashing(transforms) -> bytes:
