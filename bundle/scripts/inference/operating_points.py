@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scripts.classifier.model import classifier_files
 from scripts.io.files import MODEL_SUFFIXES, load_json, save_json
 from scripts.scores import sample_score
 
@@ -149,8 +150,8 @@ def fold_digests(models_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
     """SHA-256 of each model fold's files (networks' state dicts, classifiers' trees and normals' statistics): an
     operating point holds only for the models it was measured with."""
     folder = Path(models_dir) / dataset
-    files = [*folder.glob(f"fold_*{MODEL_SUFFIXES['pytorch']}"), *folder.glob("classifier_*.txt"),
-             *folder.glob("normative_*.npz")]
+    patterns = (f"fold_*{MODEL_SUFFIXES['pytorch']}", *classifier_files("*"))  # the classifier's own file names
+    files = [p for pattern in patterns for p in folder.glob(pattern)]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
 
 
