@@ -257,7 +257,7 @@ deploy-run: deploy-setup
 	MOOD_DATASET=$(DATASET) $(DEPLOY_PY) deploy/app.py -i "$(IN)" -o "$(OUT)" -m "$(or $(MODELS),bundle/models)"
 
 # The MAP container image (needs Docker and internet access for the Holoscan base image; these machines have neither).
-MAP_TAG ?= mood-anomaly:0.13.1
+MAP_TAG ?= mood-anomaly:0.13.2
 deploy-package: deploy-setup
 	$(DEPLOY_VENV)/bin/monai-deploy package deploy -c deploy/app.yaml -t $(MAP_TAG) --platform x86_64 \
 		--add bundle -m bundle/models

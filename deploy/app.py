@@ -49,7 +49,7 @@ class MoodAnomalyApp(Application):
         writer = self.writer
         return writer is None or bool(writer.failed) or writer.done + len(writer.failed) < writer.total
     description = "Self-supervised anomaly detection in brain MRI and abdominal CT (MICCAI MOOD)"
-    version = "0.13.1"
+    version = "0.13.2"
 
     def compose(self) -> None:
         context: AppContext = Application.init_app_context(self.argv)

@@ -76,6 +76,23 @@ def calibrated_run(normal_scans, tmp_path_factory):
     return run
 
 
+def test_models_trained_earlier_are_calibrated_with_the_settings_of_their_own_run(normal_scans, tmp_path):
+    """The validation samples of a run trained with 4 tasks per fold and 40 validation samples are those of that
+    run, not of training's defaults (1 task, 200 samples): the split from the plan, the rest from the fold's recipe."""
+    from scripts.calibration import training_settings
+
+    folder = tmp_path / "brain"
+    plan = default_plan("brain", **TINY)
+    plan["split"] = split_record(list_scans(normal_scans["brain"]), num_train_tasks=4)
+    ensure_plan(folder, plan)
+    assert training_settings(folder) == {"num_train_tasks": 4, "tasks": plan["split"]["tasks"]}
+    recipe = {"num_train_tasks": 4, "samples": 120, "max_val_samples": 40, "label_sigma": 0.2, "max_anomalies": 4,
+              "seed": 3, "fuse_with": None}
+    (folder / "fold_0.json").write_text(json.dumps({"fold": 0, "recipe": recipe}))
+    assert training_settings(folder) == {"num_train_tasks": 4, "tasks": plan["split"]["tasks"], "max_val_samples": 40,
+                                         "label_sigma": 0.2, "max_anomalies": 4, "seed": 3}
+
+
 def test_training_records_thresholds_at_the_stated_rates(calibrated_run):
     recorded = load_plan(calibrated_run / "models", "brain")["operating_points"]
     assert recorded["normal_scans"] == 10 and 0 < recorded["anomalous_samples"] <= 6

@@ -247,6 +247,39 @@ def test_the_ensemble_keeps_the_batch_contract(trained):
     assert 0 <= float(out.min()) and float(out.max()) <= 1
 
 
+def test_coarse_to_fine_scoring_keeps_the_top_of_the_map_and_scores_fewer_voxels(trained):
+    """Coarse-to-fine scoring (the plan's ``classifier.scoring``): refining every share gives the trees' map exactly;
+    a small share keeps the top of the map exact, interpolates the rest within its coarse neighbours' range, and
+    the trees see fewer voxels."""
+    from scripts.classifier.model import VoxelClassifierEnsemble, load_classifier, scoring_record
+    from scripts.plans import load_plan
+
+    plan = load_plan(trained, "brain")
+    assert plan["classifier"]["scoring"] == scoring_record()  # training records the default
+    ensemble = load_classifier(trained, "brain", plan)
+    assert ensemble.scoring == plan["classifier"]["scoring"]
+    image = normalised(9, (40, 37, 34))  # odd sides: the lattice's last step is short
+    exact = VoxelClassifierEnsemble(ensemble.bank, ensemble.folds).scan_map(image)
+    every = VoxelClassifierEnsemble(ensemble.bank, ensemble.folds, scoring_record(2, 1.0))
+    assert np.array_equal(every.scan_map(image), exact) and every.last_fraction_scored == 1.0
+    coarse = VoxelClassifierEnsemble(ensemble.bank, ensemble.folds, scoring_record(2, 0.05))
+    approx = coarse.scan_map(image)
+    assert coarse.last_fraction_scored < 0.6
+    lattice = exact[0, ::2, ::2, ::2]
+    assert np.array_equal(approx[0, ::2, ::2, ::2], lattice)  # the lattice is the trees'
+    threshold = np.quantile(lattice[lattice > 0], 0.95)
+    for j in np.argwhere(lattice >= threshold):  # within one coarse step of the top 5 %: the trees'
+        region = tuple(slice(max(2 * int(c) - 2, 0), 2 * int(c) + 4) for c in j)
+        assert np.array_equal(approx[0][region], exact[0][region])
+    assert approx.min() >= 0 and approx.max() <= exact.max()
+    assert np.array_equal(approx > 0, exact > 0)  # the same voxels scored
+    assert np.array_equal(coarse.scan_map(image), approx)  # deterministic
+    assert scoring_record(1) is None and scoring_record(None) is None
+    for bad in ({"refine_top": 0.0}, {"refine_top": 1.5}, {"coarse_stride": 0}):
+        with pytest.raises(ValueError, match="refine_top"):
+            scoring_record(**bad)
+
+
 def test_fusion_is_chosen_on_the_validation_recorded_and_applied(trained, normal_scans, tmp_path):
     """Training with --classifier_fuse_with scores each fold's validation with that fold's network too and records
     the best candidate; inference applies the plan's fusion: a weighted mean of the two ensembles' maps."""

@@ -136,15 +136,39 @@ def check_on_normals(models_dir: str | os.PathLike, dataset: str, normals_dir: s
     }
 
 
+# what makes a run's validation samples besides its data: the recipe keys a fold records (fold_<k>.json, "recipe")
+VALIDATION_SETTINGS = ("max_val_samples", "label_sigma", "max_anomalies", "seed")
+
+
+def training_settings(folder: str | os.PathLike) -> dict:
+    """The settings of the run that trained the models in ``folder`` that make its validation samples: the plan's
+    split (training tasks per fold, or the fixed ones) and its first fold's recorded recipe; without them, every
+    setting would be training's default, and the samples, their tasks and the sensitivities another run's."""
+    folder = Path(folder)
+    split = json.loads((folder / "plans.json").read_text()).get("split") or {}
+    settings = {}
+    if split.get("train_tasks"):
+        settings["train_tasks"] = list(split["train_tasks"])
+    elif split.get("num_train_tasks"):
+        settings["num_train_tasks"] = int(split["num_train_tasks"])
+    if split.get("tasks"):
+        settings["tasks"] = list(split["tasks"])
+    folds = sorted(folder.glob("fold_*.json"))
+    recipe = (json.loads(folds[0].read_text()).get("recipe") or {}) if folds else {}
+    settings.update({key: recipe[key] for key in VALIDATION_SETTINGS if recipe.get(key) is not None})
+    return settings
+
+
 def calibrate_from_training_data(models_dir: str | os.PathLike, dataset: str, training_dir: str | os.PathLike,
                                  foreign_dir: str | os.PathLike | None = None,
                                  cache_dir: str | os.PathLike | None = None,
                                  bundle_root: str | os.PathLike | None = None, max_normals: int | None = 200,
                                  max_anomalous: int | None = 100, overrides: Mapping | None = None) -> Path:
     """:func:`calibrate_training_run` for models trained earlier (e.g. the shipped ones): their training scans
-    ``training_dir`` (and ``foreign_dir`` for ``poisson_inter``) with training's default settings and
-    ``overrides``, the grid and normalisation from the plan. The decoded scans go to ``cache_dir``, by default a
-    temporary folder removed afterwards."""
+    ``training_dir`` (and ``foreign_dir`` for ``poisson_inter``) with training's default settings, the settings
+    that made the run's validation samples (:func:`training_settings`) and ``overrides``, the grid and
+    normalisation from the plan. The decoded scans go to ``cache_dir``, by default a temporary folder removed
+    afterwards."""
     import shutil
     import tempfile
 
@@ -155,7 +179,8 @@ def calibrate_from_training_data(models_dir: str | os.PathLike, dataset: str, tr
     temporary = None if cache_dir else tempfile.mkdtemp(prefix="mood_calibration_cache_")
     try:
         settings = {"dataset_dir": str(training_dir), "output_dir": str(models_dir.parent),
-                    "cache_dir": str(cache_dir or temporary), "num_workers": 0, **(overrides or {})}
+                    "cache_dir": str(cache_dir or temporary), "num_workers": 0,
+                    **training_settings(models_dir / dataset), **(overrides or {})}
         if foreign_dir:
             settings["foreign_dir"] = str(foreign_dir)
         return calibrate_training_run(bundle_configs(bundle_root, "train", dataset), settings, bundle_root,

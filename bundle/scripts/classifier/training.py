@@ -150,9 +150,10 @@ def train_fold(train_dataset, val_dataset, normals: Sequence[Mapping], normalise
     text = booster.model_to_string(num_iteration=best)
     write_atomically(folder / model_name, lambda tmp: tmp.write_text(text))
     model_sha = sha256_of(folder / model_name)
-    # the fold's validation on whole maps, with the files as inference reads them
+    # the fold's validation on whole maps, with the files and the scoring of inference
     ensemble = VoxelClassifierEnsemble(bank, [(load_booster(folder / model_name, model_sha, threads),
-                                               NormativeStatistics.load(folder / normative_name, normative_sha))])
+                                               NormativeStatistics.load(folder / normative_name, normative_sha))],
+                                       classifier.get("scoring"))
     pixel = PixelAveragePrecision()
     sample = SampleAveragePrecision(sample_score_method or 1e-2)
     fused = {candidate_name(m, w): PixelAveragePrecision() for m, w in CANDIDATES} if network is not None else {}
