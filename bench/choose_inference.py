@@ -41,6 +41,7 @@ sys.path.insert(1, str(REPO))  # the tools
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.transforms import GaussianSmooth  # noqa: E402
 
+from scripts.calibration import training_settings  # noqa: E402
 from scripts.classifier.features import FeatureBank, NormativeStatistics  # noqa: E402
 from scripts.classifier.model import VoxelClassifierEnsemble, classifier_files, load_booster, scoring_record  # noqa
 from scripts.inference.ensemble import Ensemble  # noqa: E402
@@ -105,10 +106,12 @@ def validation_set(args, plan: dict, fold: int):
     with the run's plan."""
     parser = ConfigParser()
     parser.read_config(bundle_configs(REPO / "bundle", "train", args.dataset))
-    num_train_tasks = args.num_train_tasks or (plan.get("split") or {}).get("num_train_tasks") or 1
     overrides = {"bundle_root": str(REPO / "bundle"), "dataset_dir": args.dataset_dir, "fold": fold,
-                 "num_train_tasks": num_train_tasks, "plan": plan,  # the setup: the run's plan
-                 "output_dir": args.run_dir, "num_workers": 0}
+                 "plan": plan,  # the setup: the run's plan; its split and recipe make the validation samples
+                 **training_settings(Path(args.run_dir) / "models" / args.dataset), "output_dir": args.run_dir,
+                 "num_workers": 0}
+    if args.num_train_tasks:
+        overrides.update(num_train_tasks=args.num_train_tasks, train_tasks=None)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
     if args.foreign_dir:
@@ -175,7 +178,7 @@ def main(argv=None) -> dict:
     cli.add_argument("--foreign_dir", default=None, help="the run's foreign_dir (poisson_inter), if it had one")
     cli.add_argument("--fold", type=int, nargs="+", default=[0],
                      help="the fold (classifiers: the folds, their validation samples pooled)")
-    cli.add_argument("--num_train_tasks", type=int, default=None, help="default: the plan's split's, else 1")
+    cli.add_argument("--num_train_tasks", type=int, default=None, help="default: the plan's split's")
     cli.add_argument("--cache_dir", default=None)
     cli.add_argument("--all_scans", action="store_true",
                      help="held-out tasks on every scan (more samples; the training scans' anatomy was seen)")

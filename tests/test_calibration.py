@@ -18,6 +18,7 @@ import torch
 
 from conftest import write_models
 from scripts.data.datasets import list_scans
+from scripts.data.splits import default_tasks
 from scripts.inference.operating_points import DEFAULT_FPRS, VoxelTail, operating_point, score_threshold
 from scripts.inference.worklist import WORKLIST_COLUMNS
 from scripts.io.files import bundle_configs
@@ -64,7 +65,7 @@ def calibrated_run(normal_scans, tmp_path_factory):
     run = tmp_path_factory.mktemp("calibrated") / "run"
     scans = list_scans(normal_scans["brain"])
     plan = default_plan("brain", **TINY)
-    plan["split"] = split_record(scans)
+    plan["split"] = split_record(scans, tasks=default_tasks(has_foreign=False))  # as training without foreign_dir
     folder = run / "models" / "brain"
     ensure_plan(folder, plan)
     for fold in range(5):
@@ -79,7 +80,7 @@ def calibrated_run(normal_scans, tmp_path_factory):
 def test_models_trained_earlier_are_calibrated_with_the_settings_of_their_own_run(normal_scans, tmp_path):
     """The validation samples of a run trained with 4 tasks per fold and 40 validation samples are those of that
     run, not of training's defaults (1 task, 200 samples): the split from the plan, the rest from the fold's recipe."""
-    from scripts.calibration import training_settings
+    from scripts.calibration import calibrate_from_training_data, training_settings
 
     folder = tmp_path / "brain"
     plan = default_plan("brain", **TINY)
@@ -91,6 +92,13 @@ def test_models_trained_earlier_are_calibrated_with_the_settings_of_their_own_ru
     (folder / "fold_0.json").write_text(json.dumps({"fold": 0, "recipe": recipe}))
     assert training_settings(folder) == {"num_train_tasks": 4, "tasks": plan["split"]["tasks"], "max_val_samples": 40,
                                          "label_sigma": 0.2, "max_anomalies": 4, "seed": 3}
+    # a run trained with poisson_inter needs its foreign scans again: one clear line, nothing recorded
+    plan["split"] = split_record(list_scans(normal_scans["brain"]), num_train_tasks=4,
+                                 tasks=["fpi", "poisson_intra", "poisson_inter", "sink", "source"])
+    (folder / "plans.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="poisson_inter.*--foreign_dir"):
+        calibrate_from_training_data(tmp_path, "brain", normal_scans["brain"])
+    assert "operating_points" not in json.loads((folder / "plans.json").read_text())
 
 
 def test_training_records_thresholds_at_the_stated_rates(calibrated_run):

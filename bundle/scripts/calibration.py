@@ -155,7 +155,7 @@ def training_settings(folder: str | os.PathLike) -> dict:
         settings["tasks"] = list(split["tasks"])
     folds = sorted(folder.glob("fold_*.json"))
     recipe = (json.loads(folds[0].read_text()).get("recipe") or {}) if folds else {}
-    settings.update({key: recipe[key] for key in VALIDATION_SETTINGS if recipe.get(key) is not None})
+    settings.update({key: recipe[key] for key in VALIDATION_SETTINGS if key in recipe})
     return settings
 
 
@@ -183,6 +183,9 @@ def calibrate_from_training_data(models_dir: str | os.PathLike, dataset: str, tr
                     **training_settings(models_dir / dataset), **(overrides or {})}
         if foreign_dir:
             settings["foreign_dir"] = str(foreign_dir)
+        elif "poisson_inter" in (settings.get("tasks") or ()):
+            raise ValueError(f"the {dataset} models in {str(models_dir)!r} were trained with poisson_inter, which "
+                             "takes its patches from another dataset's scans: pass --foreign_dir (the run's own)")
         return calibrate_training_run(bundle_configs(bundle_root, "train", dataset), settings, bundle_root,
                                       max_normals, max_anomalous)
     finally:

@@ -190,8 +190,8 @@ def _checked_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int], 
 
 def _setup_value(plan: Mapping, key: str):
     value = plan.get(key, _LATER_KEYS.get(key))
-    if key == "classifier" and value is not None:  # its files are recorded after training
-        value = {k: v for k, v in value.items() if k != "files"}
+    if key == "classifier" and value is not None:  # its files are recorded after training; its scoring is how
+        value = {k: v for k, v in value.items() if k not in ("files", "scoring")}  # inference reads the same trees
     return value
 
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def scoring_record(coarse_stride: int | None = 2, refine_top: float = 0.02) -> dict | None:
     """The plan's record of how a scan's map is scored (``classifier.scoring``): the trees on every
     ``coarse_stride``-th voxel along each axis first; then on every voxel within one coarse step of the scan's top
-    ``refine_top`` of those coarse probabilities, and along the foreground's edge; the other voxels take the coarse
+    ``refine_top`` of those coarse probabilities, and near the foreground's edge; the other voxels take the coarse
     map, trilinearly interpolated. None (``coarse_stride`` None or 1): the trees on every voxel. Why: the trees are
     most of a scan's cost (about 5.5 s per fold per million voxels on one core), and most of a scan is plainly
     normal; relative to the scan, because a classifier's probabilities on normal tissue are not all small."""
@@ -109,8 +109,8 @@ class VoxelClassifierEnsemble(torch.nn.Module):
 
     def _coarse_to_fine(self, shared: Mapping) -> np.ndarray:
         """The probabilities at ``shared["voxels"]``: the trees on the coarse lattice, then on every voxel near the
-        top ``refine_top`` of the coarse probabilities or whose lattice point is not scored (the foreground's edge);
-        the rest the coarse map, trilinearly interpolated."""
+        top ``refine_top`` of the coarse probabilities or near a lattice point that is not scored (the foreground's
+        edge); the rest the coarse map, trilinearly interpolated from scored lattice points only."""
         stride, top = self.scoring["coarse_stride"], self.scoring["refine_top"]
         shape, voxels = shared["shape"], shared["voxels"]
         coordinates = np.stack(np.unravel_index(voxels, shape))
@@ -123,10 +123,13 @@ class VoxelClassifierEnsemble(torch.nn.Module):
         lattice = tuple(coordinates[:, on_lattice] // stride)
         coarse[lattice], scored[lattice] = values[on_lattice], True
         threshold = np.quantile(values[on_lattice], 1.0 - top) if on_lattice.any() else 0.0
-        near = ndi.maximum_filter(coarse, size=3, mode="nearest") >= threshold  # one coarse step around
+        # a voxel's interpolation reads the lattice points of its block and the next along each axis: refine it when
+        # one of them is near the top, or is not scored (its 0 would pull the voxel down: the foreground's edge)
+        near = ndi.maximum_filter(coarse, size=3, mode="nearest") >= threshold
+        complete = ndi.minimum_filter(scored.view(np.uint8), size=3, mode="nearest").astype(bool)
         block = tuple(coordinates[:, ~on_lattice] // stride)
         off = np.flatnonzero(~on_lattice)
-        refine = near[block] | ~scored[block]
+        refine = near[block] | ~complete[block]
         values[off[refine]] = self._trees(shared, off[refine])
         rest = off[~refine]
         values[rest] = ndi.map_coordinates(coarse, coordinates[:, rest] / stride, order=1, mode="nearest")
