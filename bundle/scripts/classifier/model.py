@@ -30,7 +30,7 @@ def scoring_record(coarse_stride: int | None = 2, refine_top: float = 0.02) -> d
     ``coarse_stride``-th voxel along each axis first; then on every voxel within one coarse step of the scan's top
     ``refine_top`` of those coarse probabilities, and near the foreground's edge; the other voxels take the coarse
     map, trilinearly interpolated. None (``coarse_stride`` None or 1): the trees on every voxel. Why: the trees are
-    most of a scan's cost (about 5.5 s per fold per million voxels on one core), and most of a scan is plainly
+    most of a scan's cost (about 3.4 s per fold per million voxels on 2 cores), and most of a scan is plainly
     normal; relative to the scan, because a classifier's probabilities on normal tissue are not all small."""
     if coarse_stride is None or int(coarse_stride) == 1:
         return None
